@@ -15,8 +15,8 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['seed_everything', 'get_device', 'autocast_dtype', 'autocast', 'repo_root', 'data_samples_dir', 'cache_dir',
-           'MissingWeightsError', 'hub_reachable', 'resolve_pretrained', 'to_rgb', 'img_to_tensor', 'tensor_to_img',
-           'show_images', 'save_images', 'Timer']
+           'MissingWeightsError', 'hub_reachable', 'resolve_pretrained', 'quiet_hf', 'to_rgb', 'img_to_tensor',
+           'tensor_to_img', 'show_images', 'save_images', 'Timer']
 
 # %% ../nbs/00_core.ipynb #00ca86bc
 def seed_everything(seed: int = 42) -> int:
@@ -101,6 +101,22 @@ def resolve_pretrained(hub_id: str, local_dir: str | os.PathLike | None = None) 
                               f"download them with `hf download {hub_id} --local-dir DIR` on a machine with internet, then "
                               f"pass that folder or set PIXELDIFF_MODEL_DIR to its parent folder (DIR named "
                               f"{hub_id.replace('/', '--')}).")
+
+# %% ../nbs/00_core.ipynb #35cef721
+@contextmanager
+def quiet_hf():
+    "Silence transformers' and datasets' progress bars and load reports inside the block (settings restored after)."
+    from transformers.utils import logging as tf_logging
+    import datasets
+    tf_bar, tf_level = tf_logging.is_progress_bar_enabled(), tf_logging.get_verbosity()
+    ds_bar, ds_level = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    tf_logging.disable_progress_bar(); tf_logging.set_verbosity_error()
+    datasets.disable_progress_bars(); datasets.logging.set_verbosity_error()
+    try: yield
+    finally:
+        tf_logging.set_verbosity(tf_level); datasets.logging.set_verbosity(ds_level)
+        if tf_bar: tf_logging.enable_progress_bar()
+        if ds_bar: datasets.enable_progress_bars()
 
 # %% ../nbs/00_core.ipynb #ec16d24a
 def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
