@@ -21,8 +21,8 @@ __all__ = ['EMOJI_PACKAGES', 'TAGS_PACKAGE', 'STYLE_NAMES', 'SHAPE_COLORS', 'BAC
            'render_svg', 'is_skin_tone_variant', 'emoji_names', 'select_concepts', 'emoji_captions', 'build_emoji_set',
            'build_samples_cli', 'shapes_sample', 'shapes_dataset', 'bucket_sizes', 'nearest_bucket', 'resize_to_bucket',
            'ImageTextData', 'as_image_text', 'load_image_text', 'DataReport', 'open_image', 'decode_image',
-           'prepare_image', 'choose_caption', 'train_val_split', 'image_hw', 'BucketLoader', 'plot_bucket_occupancy',
-           'preview', 'preview_cli']
+           'prepare_image', 'choose_caption', 'train_val_split', 'mix_image_text', 'image_hw', 'BucketLoader',
+           'plot_bucket_occupancy', 'preview', 'preview_cli']
 
 # %% ../nbs/01_data.ipynb #7eb0d32a
 EMOJI_PACKAGES = {  # style -> (npm package, pinned version, npm dist.integrity, licence)
@@ -507,6 +507,37 @@ def train_val_split(data, val_fraction: float = 0.05, seed: int = 0):
     u = np.array([int(hashlib.sha1(f'{seed}:{_record_key(r, data.image_column)}'.encode()).hexdigest()[:12], 16) / 16**12
                   for r in data.ds.select_columns(cols)])
     return data.select(np.flatnonzero(u >= val_fraction)), data.select(np.flatnonzero(u < val_fraction))
+
+# %% ../nbs/01_data.ipynb #062e8a4b
+def _norm_row(row, image_column, columns, weights, seed, name):
+    "One record as {image, text, source}: the caption is drawn once, seeded by the record's own caption texts."
+    key = '\x1f'.join(str(row.get(c)) for c in columns).encode()
+    rng = np.random.default_rng([seed, int(hashlib.sha1(key).hexdigest()[:15], 16)])
+    return {'image': row[image_column], 'text': choose_caption(row, columns, weights, rng) or '', 'source': name}
+
+def mix_image_text(sources: list, seed: int = 0, streaming: bool | None = None, stopping: str = 'all_exhausted') -> ImageTextData:
+    "Several image–caption sources as one (columns image, text, source), drawing from source i with probability ∝ its weight."
+    import datasets
+    if not sources: raise ValueError("mix_image_text needs at least one source, e.g. [{'source': 'shapes', 'weight': 1}]")
+    feats = datasets.Features({'image': datasets.Image(decode=False), 'text': datasets.Value('string'), 'source': datasets.Value('string')})
+    parts, weights, names = [], [], []
+    for i, s in enumerate(sources):                           # s: a source, or {'source': ..., 'weight': w, **load_image_text kwargs}
+        s = dict(s) if isinstance(s, dict) else {'source': s}
+        if 'source' not in s: raise ValueError(f"sources[{i}] = {s} has no 'source': give a hub id, a folder, 'shapes' or None")
+        src, w = s.pop('source'), float(s.pop('weight', 1.0))
+        d = load_image_text(src, streaming=streaming, **s)
+        name = 'data_samples' if src is None else str(src)
+        with quiet_hf():
+            parts.append(d.ds.map(_norm_row, remove_columns=list(d.ds.column_names), features=feats,
+                                  fn_kwargs=dict(image_column=d.image_column, columns=d.caption_columns,
+                                                 weights=d.caption_weights, seed=seed, name=name)))
+        weights.append(w); names.append(name)
+    if len({isinstance(p, datasets.IterableDataset) for p in parts}) > 1:
+        raise ValueError('Cannot mix streamed and map-style sources: pass streaming=True (data.streaming=true) to stream them all.')
+    p = np.asarray(weights, dtype=float)
+    if (p < 0).any() or p.sum() <= 0: raise ValueError(f'Source weights {weights} must be non-negative and not all zero.')
+    mixed = datasets.interleave_datasets(parts, probabilities=(p / p.sum()).tolist(), seed=seed, stopping_strategy=stopping)
+    return ImageTextData(mixed, 'image', ['text'], [1.0], source=' + '.join(f'{w:g}×{n}' for n, w in zip(names, weights)))
 
 # %% ../nbs/01_data.ipynb #59cc05b7
 def _has_caption(row, columns) -> bool:
