@@ -45,7 +45,7 @@ def unpack_state(skel, tensors: dict):
         if '__dict__' in skel: return {unpack_state(k, tensors): unpack_state(v, tensors) for k, v in skel['__dict__']}
     return skel
 
-# %% ../nbs/10a_checkpoints.ipynb #fd28632c
+# %% ../nbs/10a_checkpoints.ipynb #7bef107d
 CKPT_FORMAT = 'pixeldiff-ckpt-1'
 
 def _sha256(path: Path) -> str:
@@ -114,7 +114,7 @@ def latest_checkpoint(out_dir) -> Path | None:
         except (ValueError, FileNotFoundError) as e: warnings.warn(f"Skipping {p.name}: {e}")
     return None
 
-def load_checkpoint(path, model_cfg: ModelConfig | None = None) -> dict:
+def load_checkpoint(path, model_cfg=None) -> dict:  # model_cfg: the ModelConfig the weights must fit
     "Verify and read a checkpoint: {'step', 'config', 'model', 'ema', 'extra', 'trainer'}; checks the model shape."
     path = Path(path)
     man = verify_checkpoint(path)

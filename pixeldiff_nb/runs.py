@@ -272,7 +272,7 @@ class _Float32Text:
     def __init__(self, text): self.text = text
     def get(self, captions, device=None): s, m = self.text.get(captions, device); return s.float(), m
 
-# %% ../nbs/10b_runs.ipynb #52172f25
+# %% ../nbs/10b_runs.ipynb #48a2a3d7
 def rng_states() -> dict:
     "Python, NumPy, torch CPU (and CUDA) random states."
     s = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
@@ -434,8 +434,10 @@ class Run:
         vb = [] if self.sharded else self.val_batches(k)
         if vb: cbs.append(ValidationCB(vb, cfg.val_every, self.ema, seed=cfg.seed))
         if cfg.sample_prompts and cfg.sample_every and not self.sharded:
+            routed = cfg.tread.enabled and cfg.tread.rate > 0                 # the recipe samples routed models with self-guidance
             cbs.append(SampleCB(_Float32Text(self.text), cfg.sample_prompts, self.out/'samples', cfg.sample_every, self.ema, (H, W),
-                                cfg.sample_steps, cfg.diffusion.guidance, seed=cfg.seed))
+                                cfg.sample_steps, cfg.diffusion.guidance, seed=cfg.seed, mode='self' if routed else 'cfg',
+                                tread=cfg.tread))
         if self.acc.log_with: cbs.append(TrackerCB(self.acc))
         if self.progress: cbs.append(ProgressCB())
         self.cbs = cbs

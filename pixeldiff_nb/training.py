@@ -79,7 +79,7 @@ def model_patch(model: nn.Module) -> int:
     m = getattr(m, '_orig_mod', m)
     return (m.net if hasattr(m, 'net') else m).cfg.patch
 
-# %% ../nbs/10_training.ipynb #24c833d2
+# %% ../nbs/10_training.ipynb #f0ded760
 class EMA:
     "fp32 exponential moving average of a module's floating-point weights, updated every `every` steps."
     def __init__(self, model: nn.Module, decay: float = 0.999, every: int = 10):
@@ -104,9 +104,9 @@ class EMA:
     def load_state_dict(self, sd: dict):
         missing = set(self.shadow) ^ set(sd)
         if missing: raise ValueError(f"EMA state does not match the model (e.g. {sorted(missing)[:2]}): was it saved by another model size?")
-        self.shadow = {k: v.float().clone() for k, v in sd.items()}
+        self.shadow = {k: v.float().to(self.shadow[k].device).clone() for k, v in sd.items()}   # stays where the weights are
 
-# %% ../nbs/10_training.ipynb #d17815ec
+# %% ../nbs/10_training.ipynb #81a7bd67
 class CancelStepException(Exception): "Skip the rest of this step."
 class CancelFitException(Exception): "Stop training now."
 
@@ -160,7 +160,7 @@ class Learner:
         if self.grad_clip:
             gn = acc.clip_grad_norm_(params, self.grad_clip) if acc is not None else nn.utils.clip_grad_norm_(params, self.grad_clip)
         else: gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.tensor(0.)
-        self.grad_norm = float(gn)
+        self.grad_norm = float(gn.full_tensor() if hasattr(gn, 'full_tensor') else gn)   # FSDP2: a sharded norm
         self.opt.step()
         if self.sched is not None: self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -171,7 +171,7 @@ class _null:
     def __enter__(self): return self
     def __exit__(self, *a): return False
 
-# %% ../nbs/10_training.ipynb #332e4d8e
+# %% ../nbs/10_training.ipynb #54748e0f
 def unwrap(model: nn.Module) -> nn.Module:
     "The TrainModule inside DDP / torch.compile wrappers."
     while True:
@@ -206,9 +206,13 @@ class LogCB(Callback):
         self.imgs += L.n_images * (L.accelerator.num_processes if L.accelerator is not None else 1)
         for k, v in {'loss': L.loss, **L.parts}.items(): self.acc[k] = self.acc.get(k, 0.0) + v.item()
         self.acc['_n'] = self.acc.get('_n', 0) + 1
-        if L.step % self.every and L.step != L.stop_step: return
+        if not self.every or (L.step % self.every and L.step != L.stop_step): return
         dt, n = time.perf_counter() - self.t0, self.acc.pop('_n')
-        rec = {'step': L.step, **{k: v / n for k, v in self.acc.items()}, 'grad_norm': L.grad_norm,
+        means = {k: v / n for k, v in self.acc.items()}
+        if L.accelerator is not None and L.accelerator.num_processes > 1:     # the mean over all processes, not rank 0's
+            red = L.accelerator.reduce(torch.tensor(list(means.values()), device=L.accelerator.device), 'mean')
+            means = dict(zip(means, red.tolist()))
+        rec = {'step': L.step, **means, 'grad_norm': L.grad_norm,
                'lr': [g['lr'] for g in L.opt.param_groups], 'images_per_s': self.imgs / dt}
         if self.tokens: rec['tokens_per_s'] = self.imgs * self.tokens / dt
         if L.history['val'] and L.history['val'][-1][0] == L.step: rec['val'] = L.history['val'][-1][1]   # ValidationCB runs first
@@ -246,7 +250,7 @@ class ProgressCB(Callback):
     def after_fit(self):
         if self.show: self.pb.on_iter_end()
 
-# %% ../nbs/10_training.ipynb #a1d0c097
+# %% ../nbs/10_training.ipynb #4b9c7691
 T_BINS = ((0.0, 0.3), (0.3, 0.6), (0.6, 1.0))
 
 @torch.no_grad()
@@ -303,27 +307,29 @@ class ValidationCB(Callback):
         return self.ema.copy_to(self._net)
     def after_step(self):
         L = self.learn
-        if L.step % self.every and L.step != L.stop_step: return
+        if not self.every or (L.step % self.every and L.step != L.stop_step): return
         L.history['val'].append((L.step, val_loss_bins(self._eval_net(), self.batches, seed=self.seed)))
 
 class SampleCB(Callback):
     "Sample grids from fixed noise and prompts every `every` steps; rows over training saved as one picture at the end."
     order = 16
     def __init__(self, text, prompts, out_dir, every: int = 500, ema: EMA | None = None, size=(64, 64), steps: int = 30,
-                 guidance: float = 3.5, seed: int = 0):
+                 guidance: float = 3.5, seed: int = 0, mode: str = 'cfg', tread: TreadConfig | None = None):
         self.text, self.prompts, self.out, self.every, self.ema = text, list(prompts), Path(out_dir), every, ema
         self.size, self.steps, self.guidance, self.seed, self.rows, self._net = size, steps, guidance, seed, [], None
+        self.mode, self.tread = mode, tread                 # 'self': TREAD self-guidance, as the recipe samples routed models
     def sample(self):
         net = unwrap(self.learn.model).net
         if self.ema is not None:
             if self._net is None: self._net = copy.deepcopy(net)
             net = self.ema.copy_to(self._net)
-        return generate(net, self.text, self.prompts, self.size, self.steps, self.guidance, seed=self.seed).cpu()
+        return generate(net, self.text, self.prompts, self.size, self.steps, self.guidance, self.mode, self.seed,
+                        tread=self.tread).cpu()
     def before_fit(self):
         if not self.rows and self.learn.rank == 0: self.rows.append((self.learn.step, self.sample()))
     def after_step(self):
         L = self.learn
-        if L.rank or (L.step % self.every and L.step != L.stop_step) or (self.rows and self.rows[-1][0] == L.step): return
+        if L.rank or not self.every or (L.step % self.every and L.step != L.stop_step) or (self.rows and self.rows[-1][0] == L.step): return
         imgs = self.sample()
         self.rows.append((L.step, imgs))
         save_images(imgs, self.out/f'step-{L.step:08d}.png', titles=self.prompts, ncols=len(self.prompts))
@@ -337,10 +343,10 @@ class CheckpointCB(Callback):
     order = 40
     def __init__(self, save_fn: Callable, every: int = 500): self.save_fn, self.every = save_fn, every
     def after_step(self):
-        if self.learn.step % self.every == 0: self.save_fn(self.learn)
+        if self.every and self.learn.step % self.every == 0: self.save_fn(self.learn)
     def after_fit(self):
         L = self.learn
-        if L.failed is None and L.step % self.every and L.step == L.stop_step: self.save_fn(L)
+        if L.failed is None and (not self.every or L.step % self.every) and L.step == L.stop_step: self.save_fn(L)
 
 def plot_log(log_file, ax=None, title: str | None = None):
     "Training loss (and validation loss per t-bin) from a run's log.jsonl; returns the figure."

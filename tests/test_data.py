@@ -10,6 +10,7 @@ import datasets
 from PIL import Image
 
 from pixeldiff_nb import data as D
+from pixeldiff_nb import emoji as E
 from pixeldiff_nb.core import data_samples_dir
 
 datasets.disable_progress_bars()
@@ -345,7 +346,7 @@ def fake_sources(tmp_path):
 
 
 def test_build_emoji_set_offline(tmp_path, fake_sources):
-    out = D.build_emoji_set(tmp_path/'set', size=24, n_concepts=None, sources=fake_sources, verbose=False)
+    out = E.build_emoji_set(tmp_path/'set', size=24, n_concepts=None, sources=fake_sources, verbose=False)
     meta = [json.loads(l) for l in (out/'metadata.jsonl').read_text().splitlines()]
     concepts = {m['concept'] for m in meta}
     assert concepts == {'red-apple', 'waving-hand', 'dog', 'pointing-right'}   # shared, no skin tones, no hidden, no plain alias
@@ -371,7 +372,7 @@ def test_build_emoji_set_offline(tmp_path, fake_sources):
 
 
 def test_build_full_with_skin_tones(tmp_path, fake_sources):
-    out = D.build_emoji_set(tmp_path/'full', size=16, n_concepts=None, shared_only=False, skin_tones=True, tags=False,
+    out = E.build_emoji_set(tmp_path/'full', size=16, n_concepts=None, shared_only=False, skin_tones=True, tags=False,
                             sources=fake_sources, verbose=False)
     meta = {(m['style'], m['concept']): m for m in map(json.loads, (out/'metadata.jsonl').read_text().splitlines())}
     assert ('noto', 'only-noto') in meta and ('fluent', 'only-noto') not in meta
@@ -381,24 +382,24 @@ def test_build_full_with_skin_tones(tmp_path, fake_sources):
 
 
 def test_build_is_deterministic_and_removes_stale(tmp_path, fake_sources):
-    a = D.build_emoji_set(tmp_path/'a', size=16, n_concepts=2, seed=3, sources=fake_sources, verbose=False)
+    a = E.build_emoji_set(tmp_path/'a', size=16, n_concepts=2, seed=3, sources=fake_sources, verbose=False)
     (a/'images'/'noto_stale.png').write_bytes(b'x')
-    a = D.build_emoji_set(tmp_path/'a', size=16, n_concepts=2, seed=3, sources=fake_sources, verbose=False)
-    b = D.build_emoji_set(tmp_path/'b', size=16, n_concepts=2, seed=3, sources=fake_sources, verbose=False)
+    a = E.build_emoji_set(tmp_path/'a', size=16, n_concepts=2, seed=3, sources=fake_sources, verbose=False)
+    b = E.build_emoji_set(tmp_path/'b', size=16, n_concepts=2, seed=3, sources=fake_sources, verbose=False)
     assert (a/'metadata.jsonl').read_text() == (b/'metadata.jsonl').read_text()
     assert sorted(p.name for p in (a/'images').iterdir()) == sorted(p.name for p in (b/'images').iterdir())
     assert len(list((a/'images').iterdir())) == 4
     for p in (a/'images').iterdir(): assert p.read_bytes() == (b/'images'/p.name).read_bytes()
-    assert D.select_concepts(list('abcdef'), 3, 0) == D.select_concepts(list('fedcba'), 3, 0)
+    assert E.select_concepts(list('abcdef'), 3, 0) == E.select_concepts(list('fedcba'), 3, 0)
 
 
 def test_npm_fetch_rejects_bad_integrity(tmp_path):
     fake = tmp_path/'iconify-json-noto-1.2.9.tgz'; fake.write_bytes(b'tampered')
     with pytest.raises(RuntimeError, match='integrity'):
-        D.npm_fetch('@iconify-json/noto', '1.2.9', D.EMOJI_PACKAGES['noto'][2], dest=tmp_path)
+        E.npm_fetch('@iconify-json/noto', '1.2.9', E.EMOJI_PACKAGES['noto'][2], dest=tmp_path)
     assert not fake.exists()
     fake.write_bytes(b'tampered')
-    assert D.npm_fetch('@iconify-json/noto', '1.2.9', D.npm_integrity(fake), dest=tmp_path) == fake
+    assert E.npm_fetch('@iconify-json/noto', '1.2.9', E.npm_integrity(fake), dest=tmp_path) == fake
 
 
 # ---------------------------------------------------------------- bundled set and preview
