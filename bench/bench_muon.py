@@ -9,8 +9,13 @@ Prints three tables:
     python bench/bench_muon.py                         # CPU, fp32, full size (minutes on 2 cores)
     python bench/bench_muon.py --hidden 448 --mlp 1568  # a quick CPU run at 1/4 width
     python bench/bench_muon.py --device cuda            # GPU, bf16 Newton–Schulz as in the recipe
+
+With --train-steps N a fourth table times whole training steps of the `cpu` preset (tiny model, 64 px, batch 32) with the
+PRX AdamW baseline and with Muon + Adam: CPU seconds (time.process_time) per step and in clipping + optimizer, the two
+optimizers taking turns on one model and data stream. The reported numbers use
+    OMP_NUM_THREADS=1 python bench/bench_muon.py --only-train --train-steps 8
 """
-import argparse, math, platform, time
+import argparse, math, platform, statistics, tempfile, time
 
 import torch
 from torch import nn
@@ -58,6 +63,44 @@ def check_against_torch(shapes, dev, dtype, steps=3):
           f'{max(rel):.2e} ' + ('(bit-identical)' if max(rel) == 0 else ''))
 
 
+class StepClock:
+    "Learner callback: CPU seconds of each training step, and of its clipping + optimizer part."
+    order = 5   # after_step before EMA, validation, sampling, logging
+    def __init__(self): self.step_s, self.opt_s = [], []
+    def before_step(self): self.t0 = time.process_time()
+    def after_backward(self): self.t1 = time.process_time()
+    def after_step(self):
+        t = time.process_time(); self.step_s.append(t - self.t0); self.opt_s.append(t - self.t1)
+
+
+def train_step_table(steps=8, round_steps=2, adamw_lr=2e-3):
+    "Median CPU seconds per `cpu`-preset training step (and in the optimizer): AdamW baseline vs Muon + Adam."
+    from pixeldiff_nb.muon import OptimConfig, build_optimizer
+    from pixeldiff_nb.runs import Run, get_preset
+    from pixeldiff_nb.training import Learner, Objective
+    cfg = get_preset('cpu', ['sample_every=0', 'val_every=100000', 'ckpt_every=100000', 'log_every=100000',
+                             f'out_dir={tempfile.mkdtemp()}'])
+    run = Run(cfg, progress=False)                                   # its optimizer: Muon + Adam at the preset's lr
+    opts = {f'AdamW (lr {adamw_lr:g})': build_optimizer(run.model, OptimConfig(kind='adamw', lr=adamw_lr)),
+            f'Muon + Adam (lr {cfg.optim.lr:g})': run.opt}
+    obj = Objective(cfg.diffusion, run.null_txt, run.null_mask, {}, None, None, cfg.seed)
+    batches, step = run.batches(run.loader(0)), 0
+    times = {n: ([], []) for n in opts}
+    for r in range(1 + -(-steps // round_steps)):                    # one warm-up round, then the timed ones
+        for name, opt in opts.items():
+            clock = StepClock()
+            Learner(run.model, obj, opt, batches, cbs=[clock], accelerator=run.acc, grad_clip=cfg.grad_clip, step=step).fit(round_steps)
+            step += round_steps
+            if r: times[name][0].extend(clock.step_s); times[name][1].extend(clock.opt_s)
+    print(f'\n4. Training step of the `cpu` preset ({sum(p.numel() for p in run.model.parameters())/1e6:.1f}M params, batch '
+          f'{cfg.stages[0].global_batch} at {cfg.stages[0].image_size} px), CPU seconds, median of {steps}, '
+          f'{torch.get_num_threads()} thread(s)')
+    print(f'{"optimizer":22}{"s/step":>9}{"optimizer s":>13}{"optimizer share":>17}')
+    for name, (st, op) in times.items():
+        s, o = statistics.median(st), statistics.median(op)
+        print(f'{name:22}{s:9.3f}{o:13.3f}{o / s:17.1%}')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--device', default='cpu')
@@ -69,7 +112,13 @@ def main():
     ap.add_argument('--ranks', type=int, nargs='+', default=[8, 32])
     ap.add_argument('--svd', action='store_true', help='also time the exact polar factor through torch.linalg.svd')
     ap.add_argument('--check', action='store_true', help='also compare 3 steps with torch.optim.Muon on these shapes')
+    ap.add_argument('--train-steps', type=int, default=0, help='also time N training steps of the cpu preset per optimizer')
+    ap.add_argument('--only-train', action='store_true', help='only the training-step table (implies --train-steps 8 if unset)')
     a = ap.parse_args()
+    if a.only_train:
+        print(f'torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads')
+        train_step_table(a.train_steps or 8)
+        return
     dev = torch.device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if dev.type == 'cuda' else torch.float32)
     shapes = block_shapes(a.hidden, a.mlp)
@@ -135,6 +184,7 @@ def main():
                   f'{max(ms):19.0f}{total_ms/max(ms):9.1f}x{max(ddp_in):11.0f}{max(fsdp):9.0f}')
     print('(MB: largest per-rank volume per step in the NS dtype; DDP = received broadcasts, FSDP = gather + scatter sent and '
           'received)')
+    if a.train_steps and dev.type == 'cpu': train_step_table(a.train_steps)
 
 
 if __name__ == '__main__':

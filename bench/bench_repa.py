@@ -1,6 +1,7 @@
 """REPA costs: the teacher's FLOPs per image at the speedrun's resolutions, and the time REPA adds to a forward+backward pass.
 
 Usage: python bench/bench_repa.py [--device cpu|cuda] [--batch 16] [--seconds 2] [--gpu-batch 32] [--skip-flops]
+                                  [--skip-parts] [--preset-steps 5 --preset-rounds 4]
 
 1. FLOPs (meta device, `FlopCounterMode`, no weights needed): forward FLOPs per image of DINOv3 ViT-S/B/L/16 and DINOv2
    ViT-B/L/14 (with registers) on the aspect-ratio buckets of the 512 px stage (teacher input = image × 16/32) and on the
@@ -12,9 +13,14 @@ Usage: python bench/bench_repa.py [--device cpu|cuda] [--batch 16] [--seconds 2]
 3. With --device cuda, the same comparison for the `small` denoiser at 512 px under bf16 autocast, with a randomly
    initialised DINOv3 ViT-L/16 teacher (the real architecture; the weights do not change the cost) kept in fp32, stored
    in bf16 (the default), and stored in bf16 and compiled.
-Prints markdown (median and best wall-clock ms over the repetitions).
+4. With --preset-steps N: whole training steps of the `cpu` preset (a `runs.Run`: batch 32 of 64 px emoji with MiniLM
+   captions, forward, backward, grad clip, Muon step, EMA update) without REPA and with REPA (weight 0.5, block 2, the
+   pretrained VGG16 relu4_3 and relu3_3 STAND-IN teachers), N steps per setting per round, settings interleaved over
+   --preset-rounds rounds (the first is a warm-up and is dropped), in CPU seconds of this process: run it with
+   OMP_NUM_THREADS=1 on a shared machine.
+Prints markdown (median and best wall-clock ms over the repetitions for 2-3; CPU seconds for 4).
 """
-import argparse, os, platform, statistics, time
+import argparse, os, platform, statistics, tempfile, time
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 import torch
@@ -108,6 +114,47 @@ def report(title, ms, B):
     print()
 
 
+class StepClock:
+    "Learner callback: CPU seconds of each whole step, split at the end of the backward pass; stops the fit after `n` steps."
+    order = 100                                   # after EMA, logging and validation: they are part of the step
+    def __init__(self, n): self.n, self.times = n, []
+    def before_step(self): self.c0 = time.process_time()
+    def after_backward(self): self.c1 = time.process_time()
+    def after_step(self):
+        from pixeldiff_nb.training import CancelFitException
+        c2 = time.process_time()
+        self.times.append((self.c1 - self.c0, c2 - self.c1))
+        if len(self.times) >= self.n: raise CancelFitException()
+
+
+def bench_preset(steps, rounds):
+    "Whole training steps of the `cpu` preset without and with REPA, interleaved in rounds; prints a markdown table."
+    from pixeldiff_nb.runs import get_preset, Run
+    tmp = tempfile.mkdtemp()
+    quiet = ['sample_every=0', 'val_every=1000000', 'ckpt_every=1000000', 'log_every=1000000']
+    variants = {'no REPA': [], 'REPA, VGG16 relu4_3 (stand-in)': ['repa.weight=0.5'],
+                'REPA, VGG16 relu3_3 (stand-in)': ['repa.weight=0.5', 'repa.teacher=vgg16:relu3_3']}
+    runs = {k: Run(get_preset('cpu', quiet + v + [f'out_dir={tmp}/{i}']), progress=False) for i, (k, v) in enumerate(variants.items())}
+    names, times = list(variants), {k: [] for k in variants}
+    for i in range(rounds):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            cb = StepClock(steps)
+            runs[k].fit([cb])
+            if i > 0: times[k] += cb.times                # round 0 is a warm-up
+    cfg = runs[names[0]].cfg
+    med = {k: [statistics.median(x) for x in zip(*[(a, b, a + b) for a, b in times[k]])] for k in names}
+    base = med[names[0]]
+    print(f"## `cpu` preset: whole training steps ({cfg.stages[0].global_batch} × {cfg.stages[0].image_size} px, REPA on block "
+          f"{runs[names[1]].cfg.repa.layer} of {cfg.model.depth}, {cfg.optim.kind} + EMA; CPU seconds, {torch.get_num_threads()} "
+          f"thread(s), {len(times[names[0]])} steps per setting over {rounds - 1} rounds)\n")
+    print('| setting | batch+fwd+bwd s | clip+optimizer+EMA s | step s (median) | added per step |\n|---|---:|---:|---:|---:|')
+    for k in names:
+        m = med[k]
+        add = f'{m[2] - base[2]:+.3f} s ({m[2] / base[2] - 1:+.0%})' if k != names[0] else '–'
+        print(f'| {k} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} | {add} |')
+    print()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--device', default='cpu')
@@ -115,6 +162,9 @@ def main():
     ap.add_argument('--gpu-batch', type=int, default=32, help='batch of the small model at 512 px (cuda only)')
     ap.add_argument('--seconds', type=float, default=2.0, help='timed seconds per comparison')
     ap.add_argument('--skip-flops', action='store_true')
+    ap.add_argument('--skip-parts', action='store_true', help='skip the forward+backward part timings (sections 2-3)')
+    ap.add_argument('--preset-steps', type=int, default=0, help='whole cpu-preset training steps per setting per round (0: skip)')
+    ap.add_argument('--preset-rounds', type=int, default=4, help='rounds of --preset-steps steps; the first is a warm-up')
     args = ap.parse_args()
     seed_everything(0)
     dev = torch.device(args.device)
@@ -122,6 +172,8 @@ def main():
     print(f'# REPA benchmark\n\ndevice {name}; torch {torch.__version__}, transformers {transformers.__version__}, '
           f'{torch.get_num_threads()} CPU threads\n')
     if not args.skip_flops: flops_tables()
+    if args.preset_steps: bench_preset(args.preset_steps, args.preset_rounds)
+    if args.skip_parts: return
 
     # cpu preset: tiny denoiser at 64 px, stand-in teacher, REPA on block 2, TREAD 50% over blocks 1..4
     mcfg, B = model_config('tiny'), args.batch

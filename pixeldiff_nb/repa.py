@@ -19,7 +19,7 @@ from .model import ModelConfig, gather_tokens
 __all__ = ['DINOV3_L', 'DINOV3_SIZES', 'DINOV2_SIZES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'RESIZE_MODES', 'VIT_TYPES',
            'VGG16_LAYERS', 'teacher_size', 'dinov3_config', 'dinov2_config', 'resize_for_teacher', 'Teacher',
            'load_vit', 'DinoTeacher', 'vgg16_features', 'VGGStandIn', 'pca_rgb', 'RepaProjector', 'repa_loss',
-           'RepaConfig', 'build_teacher', 'Repa', 'build_repa', 'teacher_flops']
+           'RepaConfig', 'build_teacher', 'Repa', 'build_repa', 'teacher_flops', 'block_tokens', 'fit_linear_probe']
 
 # %% ../nbs/08_repa.ipynb #cee56b3f
 def teacher_size(H: int, W: int, patch: int, stride: int) -> tuple[int, int]:
@@ -281,3 +281,38 @@ def teacher_flops(teacher, H: int, W: int, patch: int = 32) -> float:
     x0 = torch.zeros(1, 3, H, W, device=teacher.mean.device)
     with FlopCounterMode(display=False) as fc: teacher(x0, patch)
     return fc.get_total_flops()
+
+# %% ../nbs/08_repa.ipynb #250b265b
+@torch.no_grad()
+def block_tokens(model: nn.Module,   # a PRXDenoiser (block outputs) or a TrainModule (outputs through its REPA projector)
+                 batches: list,      # dicts with 'pixels' (B, 3, H, W) in [-1, 1], 'txt', 'mask' (training batches)
+                 layer: int, ts=(0.25, 0.5, 0.75), seed: int = 0) -> torch.Tensor:
+    "Dense output tokens (len(ts), B, N, D) of block `layer` for every image of `batches` noised at each t, with fixed noise."
+    g, was, out = torch.Generator().manual_seed(seed), model.training, []
+    model.eval()
+    for t in ts:                                                   # t = 0 clean ... t = 1 pure noise
+        feats = []
+        for b in batches:
+            x0 = b['pixels']
+            eps = torch.randn(x0.shape, generator=g).to(x0.device)
+            x_t = (1 - t) * x0 + t * eps                           # x_t = (1 − t)·x0 + t·ε
+            t_vec = torch.full((x0.shape[0],), float(t), device=x0.device)
+            feats.append(model(x_t, t_vec, b['txt'], b['mask'], return_block=layer)[1].float())
+        out.append(torch.cat(feats))
+    model.train(was)
+    return torch.stack(out)
+
+# %% ../nbs/08_repa.ipynb #9c568085
+def fit_linear_probe(X: torch.Tensor,    # features (M, D), e.g. block tokens flattened
+                     Y: torch.Tensor,    # targets (M, C), e.g. teacher tokens; L2-normalised before fitting
+                     ridge: float = 1e-3) -> nn.Linear:
+    "The ridge least-squares linear map (with bias) from X to the L2-normalised rows of Y, as an nn.Linear."
+    if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y): raise ValueError(f"need X (M, D) and Y (M, C), got {tuple(X.shape)} and {tuple(Y.shape)}.")
+    X, Y = X.double(), F.normalize(Y.double(), dim=-1)
+    mx, my = X.mean(0), Y.mean(0)
+    Xc = X - mx
+    G = Xc.T @ Xc
+    W = torch.linalg.solve(G + ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), Xc.T @ (Y - my))  # (D, C)
+    lin = nn.Linear(X.shape[1], Y.shape[1])
+    with torch.no_grad(): lin.weight.copy_(W.T); lin.bias.copy_(my - mx @ W)
+    return lin

@@ -115,17 +115,19 @@ class Router:
         c = self.cfg
         return f"Router(rate={c.rate}, blocks {c.start}..{c.end} of {self.depth}, seed={c.seed}, {'on' if self.active else 'off'}, train_only={c.train_only})"
 
-# %% ../nbs/07_tread.ipynb #f85d1f01
+# %% ../nbs/07_tread.ipynb #2d261812
 def self_guidance_denoiser(model: nn.Module, txt: torch.Tensor, mask: torch.Tensor, scale: float = 3.5, rate: float = 0.5,
                            start: int | None = None, end: int | None = None, seed: int = 0, **model_kwargs) -> Callable:
     "A `denoise(x_t, t)` for `euler_sample`: routed + scale·(dense − routed), both with the real prompt; scale 1 = dense."
     depth = model.cfg.depth
     if start is None or end is None: start, end = scale_span(TreadConfig.start, TreadConfig.end, depth)  # recipe span, scaled
     TreadConfig(rate=rate, start=start, end=end).check(depth)           # one-line errors for a bad span or rate
+    if rate == 0: raise ValueError("Self-guidance needs a routing rate > 0: with rate 0 the routed pass is the dense one and "
+                                   "there is nothing to guide with; use the recipe's rate=0.5 (a run trained without TREAD has tread.rate=0).")
     plans = {}
     def denoise(x, t):
         dense = model(x, t, txt, mask, **model_kwargs)
-        if scale == 1.0 or rate == 0: return dense
+        if scale == 1.0: return dense
         B, N = x.shape[0], token_count(x.shape[-2], x.shape[-1], model.cfg.patch)
         key = (B, N, str(x.device))
         if key not in plans: plans[key] = make_route_plan(B, N, rate, start, end, step=0, rank=0, seed=seed, device=x.device)

@@ -166,6 +166,41 @@ def test_grouping_rule():
     assert len(muon_param_names(nn.ModuleDict({'module': StandIn()}))) == 6   # wrapper prefixes keep the rule
 
 
+def _little_prx(depth=2):
+    from pixeldiff_nb.model import PRXDenoiser, model_config
+    return PRXDenoiser(model_config('tiny', depth=depth, hidden=64, heads=2, axes_dim=(16, 16), text_dim=24))
+
+
+def test_grouping_rule_on_the_prx_denoiser():
+    from pixeldiff_nb.training import TrainModule
+    m = _little_prx()
+    kinds = ('mod', 'img_qkv', 'txt_kv', 'attn_out', 'mlp.gate', 'mlp.up', 'mlp.down')
+    want = {f'blocks.{i}.{k}.weight' for i in range(2) for k in kinds}
+    assert set(muon_param_names(m)) == want                          # every block matrix, nothing else
+    mu, ad = split_params(m)
+    adam = {n for n, p in m.named_parameters() if any(p is q for q in ad)}
+    assert {'img_in.proj.0.weight', 'txt_in.weight', 'time_in.0.weight', 'final.ada.weight', 'final.out.weight',
+            'blocks.0.mod.bias', 'blocks.0.q_norm.scale', 'blocks.1.txt_k_norm.scale'} <= adam
+    assert len(mu) + len(ad) == len(list(m.parameters()))
+    # what training optimises is TrainModule (denoiser + REPA projector): the projector goes to Adam
+    tm = TrainModule(m, nn.Sequential(nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 32)))
+    assert set(muon_param_names(tm)) == {f'net.{n}' for n in want}
+
+
+def test_cpu_preset_optimizers():
+    "The optimizers of the notebook's comparison, built from the cpu preset's config as training builds them."
+    from pixeldiff_nb.runs import get_preset
+    m = _little_prx()
+    muon = build_optimizer(m, get_preset('cpu').optim)
+    assert isinstance(muon, MuonAdam) and [g['lr'] for g in muon.param_groups] == [2e-3, 2e-3]
+    assert muon.param_groups[1]['eps'] == 1e-8 and muon.param_groups[1]['betas'] == (0.9, 0.95)
+    adamw = build_optimizer(m, get_preset('cpu', ['optim.kind=adamw', 'optim.lr=7e-4']).optim)
+    assert type(adamw) is torch.optim.AdamW and len(adamw.param_groups) == 1
+    g = adamw.param_groups[0]
+    assert (g['lr'], g['betas'], g['eps'], g['weight_decay']) == (7e-4, (0.9, 0.95), 1e-15, 0.0)
+    assert len(g['params']) == len(list(m.parameters()))
+
+
 # ---------------------------------------------------------------- optimizer mechanics
 def _train(model, opt, n, seed):
     g = torch.Generator().manual_seed(seed)

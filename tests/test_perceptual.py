@@ -198,3 +198,24 @@ def test_numpy_only_unpickler_refuses_code():
     class Evil:
         def __reduce__(self): return (os.system, ('echo pwned',))
     with pytest.raises(pickle.UnpicklingError, match='refusing'): _NumpyOnly(io.BytesIO(pickle.dumps(Evil()))).load()
+
+
+# --- the training objective: LPIPS as a named, weighted part -------------------------------------------------------
+def test_objective_adds_lpips_as_named_weighted_part():
+    from pixeldiff_nb.model import PRXDenoiser, model_config
+    from pixeldiff_nb.diffusion import DiffusionConfig
+    from pixeldiff_nb.training import Objective
+    torch.manual_seed(0)
+    net = PRXDenoiser(model_config('tiny', depth=1, hidden=64, heads=2, axes_dim=(16, 16), text_dim=24))
+    with torch.no_grad(): net.final.out.weight.normal_(0, 0.02)   # a non-zero x0_hat (the head is zero-initialised)
+    batch = {'pixels': _pair(n=2, size=64)[1], 'txt': torch.randn(2, 5, 24), 'mask': torch.ones(2, 5)}
+    null = (torch.zeros(1, 5, 24), torch.ones(1, 5))
+    plain = Objective(DiffusionConfig(), *null)
+    with_lpips = Objective(DiffusionConfig(), *null, perceptual=build_perceptual_losses(0.1, 0, lpips_net='vgg'))
+    t0, p0 = plain(net, batch, step=3)
+    t1, p1 = with_lpips(net, batch, step=3)
+    assert list(p0) == ['mse'] and list(p1) == ['mse', 'lpips']        # a weight of 0 adds no part
+    assert torch.allclose(p1['mse'], p0['mse'])                        # same step: same t, noise and caption dropout
+    assert torch.allclose(t1, p1['mse'] + 0.1 * p1['lpips']) and p1['lpips'] > 0
+    t1.backward()
+    assert net.final.out.weight.grad.abs().sum() > 0

@@ -1,7 +1,8 @@
 """Unit tests for `pixeldiff_nb.repa`: the teacher's grid matches the denoiser's on every aspect-ratio bucket (tiny random
 DINOv3 and DINOv2, the VGG16 stand-in), patch tokens in row-major order, the kept-token gather under TREAD, gradient flow
 (projector and student yes, teacher never), a switched-off config building no teacher, loss values, the one-line
-missing-weights error, and the FLOP count of DINOv3-L."""
+missing-weights error, the FLOP count of DINOv3-L, and the alignment measurements (block tokens at fixed noise, the
+linear probe)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +13,20 @@ from pixeldiff_nb.data import bucket_sizes
 from pixeldiff_nb.model import PRXDenoiser, RoutePlan, model_config, gather_tokens
 from pixeldiff_nb.repa import (DINOV3_L, IMAGENET_MEAN, IMAGENET_STD, DinoTeacher, Repa, RepaConfig, RepaProjector,
                                VGGStandIn, build_repa, build_teacher, dinov2_config, dinov3_config, pca_rgb, repa_loss,
-                               resize_for_teacher, teacher_flops, teacher_size)
+                               resize_for_teacher, teacher_flops, teacher_size, block_tokens, fit_linear_probe)
+from pixeldiff_nb.training import TrainModule
 
 BIG_BUCKETS = [(b, 32) for b in bucket_sizes(512, 32) + bucket_sizes(1024, 32)]          # the speedrun's stages
 SMALL_BUCKETS = [(b, 8) for b in bucket_sizes(64, 8)] + [(b, 16) for b in bucket_sizes(128, 16)] + [((64, 64), 32)]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    "Small models: one CPU thread is faster than several and immune to busy cores; restored afterwards."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope='module')
@@ -266,3 +277,60 @@ def test_for_depth_scales_the_block():
     assert RepaConfig(layer=15).for_depth(6).layer == 5                  # the last block stays the last
     cfg = RepaConfig(weight=0.3).for_depth(6)
     assert cfg.weight == 0.3 and cfg.teacher == DINOV3_L
+
+
+# ---------------------------------------------------------------- alignment measurements
+def _micro_batches(n_batches=2, B=2, L=3, text_dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{'pixels': torch.rand(B, 3, 32, 32, generator=g) * 2 - 1, 'txt': torch.randn(B, L, text_dim, generator=g),
+             'mask': torch.ones(B, L, dtype=torch.bool)} for _ in range(n_batches)]
+
+
+def test_block_tokens_fixed_noise_and_projector():
+    torch.manual_seed(0)
+    net = PRXDenoiser(model_config('tiny', depth=3, hidden=64, heads=2, axes_dim=(16, 16), text_dim=32, bottleneck=16))
+    batches = _micro_batches()
+    tok = block_tokens(net, batches, layer=1, ts=(0.2, 0.8))
+    assert tok.shape == (2, 4, 16, 64)                                   # (len(ts), all images, N = (32/8)², hidden)
+    assert torch.equal(block_tokens(net, batches, layer=1, ts=(0.2, 0.8)), tok)        # same seed: same noise
+    assert not torch.equal(block_tokens(net, batches, layer=1, ts=(0.2, 0.8), seed=1), tok)
+    # the first batch at the first t equals the block output on x_t built by hand from the same noise
+    x0 = batches[0]['pixels']
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, ref, _ = net(0.8 * x0 + 0.2 * eps, torch.full((2,), 0.2), batches[0]['txt'], batches[0]['mask'], return_block=1)
+    torch.testing.assert_close(tok[0, :2], ref)
+    head = RepaProjector(64, 24, 32)
+    torch.testing.assert_close(block_tokens(TrainModule(net, head), batches, layer=1, ts=(0.2, 0.8)), head(tok).detach())
+    net.train()
+    block_tokens(net, batches, layer=1)
+    assert net.training                                                   # the mode is restored
+
+
+def test_linear_probe_recovers_directions_of_a_linear_map():
+    g = torch.Generator().manual_seed(0)
+    A, b = torch.randn(12, 6, generator=g), torch.randn(6, generator=g)
+    X = torch.randn(2000, 12, generator=g)
+    Y = X @ A + b
+    probe = fit_linear_probe(X, Y, ridge=0.0)
+    # fitted to the *normalised* targets, the probe points the same way as a scaled copy of the map where norms vary little
+    Yn = F.normalize(Y, dim=-1)
+    resid_lin = (probe(X) - Yn).pow(2).mean()
+    W = torch.linalg.lstsq(torch.cat([X, torch.ones(len(X), 1)], 1).double(), Yn.double()).solution   # reference solver
+    ref = torch.cat([X, torch.ones(len(X), 1)], 1).double() @ W
+    torch.testing.assert_close(probe(X).double(), ref, atol=1e-4, rtol=1e-4)
+    assert resid_lin < Yn.pow(2).mean()
+    # targets that are exactly linear with unit norm are recovered exactly
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=g)).Q
+    Xu = F.normalize(torch.randn(500, 6, generator=g), dim=-1)
+    torch.testing.assert_close(fit_linear_probe(Xu, Xu @ Q, ridge=0.0)(Xu), Xu @ Q, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_probe_finds_nothing_in_noise_and_checks_shapes():
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(2000, 16, generator=g), torch.randn(2000, 8, generator=g)
+    probe = fit_linear_probe(X[:1000], Y[:1000])
+    assert F.cosine_similarity(probe(X[1000:]), Y[1000:], dim=-1).mean().abs() < 0.05
+    assert isinstance(probe, torch.nn.Linear) and probe.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match=r'need X \(M, D\) and Y \(M, C\)'): fit_linear_probe(X, Y[:10])
+    with pytest.raises(ValueError, match='need X'): fit_linear_probe(X[0], Y[0])

@@ -210,7 +210,6 @@ def test_self_guidance_scale_one_is_dense_and_zero_is_routed(model, batch):
         s3 = self_guidance_denoiser(model, txt, mask, scale=3.0, seed=9)(x_t, t)
         assert torch.allclose(s3, routed + 3.0 * (dense - routed)) and torch.allclose(s3, 3 * dense - 2 * routed, atol=1e-5)
         assert not torch.allclose(s3, self_guidance_denoiser(model, txt, mask, scale=3.0, seed=10)(x_t, t))
-        assert torch.equal(self_guidance_denoiser(model, txt, mask, scale=0.0, rate=0.0)(x_t, t), dense)
         explicit = self_guidance_denoiser(model, txt, mask, scale=0.0, rate=0.25, start=2, end=3, seed=9)(x_t, t)
         assert torch.equal(explicit, model(x_t, t, txt, mask, route=make_route_plan(B, N, 0.25, 2, 3, step=0, seed=9)))
 
@@ -227,6 +226,13 @@ def test_self_guidance_rejects_bad_span(model, batch):
     _, _, txt, mask = batch
     with pytest.raises(ValueError, match='does not fit a 6-block model'): self_guidance_denoiser(model, txt, mask, start=2, end=12)
     with pytest.raises(ValueError, match=r'must be in \[0, 1\)'): self_guidance_denoiser(model, txt, mask, rate=1.0)
+
+
+def test_self_guidance_refuses_rate_zero(model, batch):
+    "Rate 0 routes nothing: routed == dense, so 'guidance' would silently be the unguided model; it must fail loudly."
+    _, _, txt, mask = batch
+    for scale in (0.0, 1.0, 3.5):
+        with pytest.raises(ValueError, match='needs a routing rate > 0'): self_guidance_denoiser(model, txt, mask, scale=scale, rate=0.0)
 
 
 # ---------------------------------------------------------------- FLOPs, timing, picture
