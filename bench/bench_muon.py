@@ -63,20 +63,10 @@ def check_against_torch(shapes, dev, dtype, steps=3):
           f'{max(rel):.2e} ' + ('(bit-identical)' if max(rel) == 0 else ''))
 
 
-class StepClock:
-    "Learner callback: CPU seconds of each training step, and of its clipping + optimizer part."
-    order = 5   # after_step before EMA, validation, sampling, logging
-    def __init__(self): self.step_s, self.opt_s = [], []
-    def before_step(self): self.t0 = time.process_time()
-    def after_backward(self): self.t1 = time.process_time()
-    def after_step(self):
-        t = time.process_time(); self.step_s.append(t - self.t0); self.opt_s.append(t - self.t1)
-
-
 def train_step_table(steps=8, round_steps=2, adamw_lr=2e-3):
     "Median CPU seconds per `cpu`-preset training step (and in the optimizer): AdamW baseline vs Muon + Adam."
     from pixeldiff_nb.muon import OptimConfig, build_optimizer
-    from pixeldiff_nb.runs import Run, get_preset
+    from pixeldiff_nb.runs import Run, StepClock, get_preset
     from pixeldiff_nb.training import Learner, Objective
     cfg = get_preset('cpu', ['sample_every=0', 'val_every=100000', 'ckpt_every=100000', 'log_every=100000',
                              f'out_dir={tempfile.mkdtemp()}'])
@@ -91,7 +81,7 @@ def train_step_table(steps=8, round_steps=2, adamw_lr=2e-3):
             clock = StepClock()
             Learner(run.model, obj, opt, batches, cbs=[clock], accelerator=run.acc, grad_clip=cfg.grad_clip, step=step).fit(round_steps)
             step += round_steps
-            if r: times[name][0].extend(clock.step_s); times[name][1].extend(clock.opt_s)
+            if r: times[name][0].extend(clock.step_s); times[name][1].extend(clock.rest_s)
     print(f'\n4. Training step of the `cpu` preset ({sum(p.numel() for p in run.model.parameters())/1e6:.1f}M params, batch '
           f'{cfg.stages[0].global_batch} at {cfg.stages[0].image_size} px), CPU seconds, median of {steps}, '
           f'{torch.get_num_threads()} thread(s)')

@@ -68,18 +68,10 @@ def time_rows(size=64, batch=8, repeats=5, device='cpu') -> list[dict]:
     return rows
 
 
-class StepClock:
-    "Learner callback: CPU seconds of each training step (forward, losses, backward, clipping, optimizer)."
-    order = 5   # after_step before EMA, validation, sampling, logging
-    def __init__(self): self.step_s = []
-    def before_step(self): self.t0 = time.process_time()
-    def after_step(self): self.step_s.append(time.process_time() - self.t0)
-
-
 def train_step_rows(steps=8, round_steps=2, dino_base=False, overrides=()) -> list[dict]:
     "Median CPU seconds per training step of the `cpu` preset for each set of perceptual terms (first round not counted)."
     import tempfile
-    from pixeldiff_nb.runs import Run, get_preset
+    from pixeldiff_nb.runs import Run, StepClock, get_preset
     from pixeldiff_nb.training import Learner, Objective
     cfg = get_preset('cpu', ['sample_every=0', 'val_every=100000', 'ckpt_every=100000', 'log_every=100000',
                              f'out_dir={tempfile.mkdtemp()}', *overrides])

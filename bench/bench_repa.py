@@ -114,22 +114,9 @@ def report(title, ms, B):
     print()
 
 
-class StepClock:
-    "Learner callback: CPU seconds of each whole step, split at the end of the backward pass; stops the fit after `n` steps."
-    order = 100                                   # after EMA, logging and validation: they are part of the step
-    def __init__(self, n): self.n, self.times = n, []
-    def before_step(self): self.c0 = time.process_time()
-    def after_backward(self): self.c1 = time.process_time()
-    def after_step(self):
-        from pixeldiff_nb.training import CancelFitException
-        c2 = time.process_time()
-        self.times.append((self.c1 - self.c0, c2 - self.c1))
-        if len(self.times) >= self.n: raise CancelFitException()
-
-
 def bench_preset(steps, rounds):
     "Whole training steps of the `cpu` preset without and with REPA, interleaved in rounds; prints a markdown table."
-    from pixeldiff_nb.runs import get_preset, Run
+    from pixeldiff_nb.runs import get_preset, Run, StepClock
     tmp = tempfile.mkdtemp()
     quiet = ['sample_every=0', 'val_every=1000000', 'ckpt_every=1000000', 'log_every=1000000']
     variants = {'no REPA': [], 'REPA, VGG16 relu4_3 (stand-in)': ['repa.weight=0.5'],
@@ -138,7 +125,7 @@ def bench_preset(steps, rounds):
     names, times = list(variants), {k: [] for k in variants}
     for i in range(rounds):
         for k in (names if i % 2 == 0 else names[::-1]):
-            cb = StepClock(steps)
+            cb = StepClock(steps, order=100)    # after EMA, logging, validation: part of the step
             runs[k].fit([cb])
             if i > 0: times[k] += cb.times                # round 0 is a warm-up
     cfg = runs[names[0]].cfg

@@ -57,23 +57,9 @@ def bench(size, H, B, text_len, span, rates, repeats, device, lines, warmup=1, c
     return dict(med=med, fl=fl, a=a)
 
 
-class StepClock:
-    "Learner callback: seconds of each whole step, split at the end of the backward pass; stops the fit after `n` steps."
-    order = 100                                   # after EMA, logging and validation: they are part of the step
-    def __init__(self, n, clock):
-        self.n, self.clock, self.times = n, clock, []
-    def before_step(self): self.c0 = self.clock()
-    def after_backward(self): self.c1 = self.clock()
-    def after_step(self):
-        from pixeldiff_nb.training import CancelFitException
-        c2 = self.clock()
-        self.times.append((self.c1 - self.c0, c2 - self.c1))
-        if len(self.times) >= self.n: raise CancelFitException()
-
-
 def bench_preset(rates, steps, rounds, lines, clock='process'):
     "Whole training steps of the `cpu` preset at each routing rate, interleaved in rounds; appends a markdown table."
-    from pixeldiff_nb.runs import get_preset, Run
+    from pixeldiff_nb.runs import get_preset, Run, StepClock
     tick = time.process_time if clock == 'process' else time.perf_counter
     tmp = tempfile.mkdtemp()
     quiet = ['sample_every=0', 'val_every=1000000', 'ckpt_every=1000000', 'log_every=1000000']
@@ -81,7 +67,7 @@ def bench_preset(rates, steps, rounds, lines, clock='process'):
     times = {r: [] for r in rates}
     for i in range(rounds):
         for r in (rates if i % 2 == 0 else rates[::-1]):
-            cb = StepClock(steps, tick)
+            cb = StepClock(steps, tick, order=100)    # after EMA, logging, validation: part of the step
             runs[r].fit([cb])
             if i > 0: times[r] += cb.times                # round 0 is a warm-up
     run = runs[rates[0]]

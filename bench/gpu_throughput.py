@@ -88,7 +88,7 @@ def measure(args, dev, res, B):
             torch.nn.utils.clip_grad_norm_(params, 0.2); opt.step(); opt.zero_grad(set_to_none=True)
         if phases is not None:
             for k, c in (('forward', c_f), ('backward', c_b), ('optimizer', c_o)): phases[k].append(c.s)
-        return float(loss)
+        return float(loss.detach())
 
     for i in range(args.warmup): step(i)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats()

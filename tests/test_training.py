@@ -11,7 +11,7 @@ from pixeldiff_nb.diffusion import DiffusionConfig
 from pixeldiff_nb.training import Objective, TrainModule, EMA, Learner, NaNGuardCB, unwrap, step_generator
 from pixeldiff_nb.checkpoints import (save_checkpoint, load_checkpoint, latest_checkpoint, list_checkpoints, pack_state,
                                       unpack_state)
-from pixeldiff_nb.runs import (get_preset, apply_overrides, validate_run, config_to_dict, config_from_dict, RunConfig, Run,
+from pixeldiff_nb.runs import (StepClock, step_cost, get_preset, apply_overrides, validate_run, config_to_dict, config_from_dict, RunConfig, Run,
                                train, train_cli, sample_cli, export_weights, load_for_sampling)
 
 MICRO = ['model.depth=2', 'model.hidden=64', 'model.heads=1', 'stages.0.global_batch=4', 'stages.0.steps=4', 'val_every=2',
@@ -137,3 +137,26 @@ def test_train_cli_rejects_bad_override(capsys):
     with pytest.raises(SystemExit) as e: train_cli(['--preset', 'cpu', 'model.depht=3'])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "did you mean 'model.depth'" in err and len(err.strip().splitlines()) == 1
+
+
+class _Ticker:
+    "A fake clock that advances by 1 s per reading, so StepClock's split is exact."
+    def __init__(self): self.t = 0.0
+    def __call__(self): self.t += 1.0; return self.t
+
+
+def test_step_clock_splits_steps_and_stops_the_fit():
+    cfg = model_config('tiny', depth=1, hidden=32, heads=2, axes_dim=(8, 8), text_dim=16, bottleneck=8)
+    model = TrainModule(PRXDenoiser(cfg))
+    batches = iter([_batch(cfg, B=2)] * 10)
+    clock = StepClock(n=3, clock=_Ticker(), order=100)
+    learn = Learner(model, Objective(DiffusionConfig(), torch.zeros(1, 6, 16), torch.ones(1, 6, dtype=torch.bool)),
+                    torch.optim.SGD(model.parameters(), lr=0.0), batches, cbs=[clock])
+    learn.fit(10)
+    assert learn.step == 3 and clock.times == [(1.0, 1.0)] * 3        # stopped after n steps; one tick per reading
+    assert clock.step_s == [2.0] * 3 and clock.rest_s == [1.0] * 3
+    assert StepClock().order == 5 and StepClock(order=100).order == 100
+
+
+def test_step_cost_refuses_nothing_to_time():
+    with pytest.raises(ValueError, match='needs steps > skip'): step_cost(steps=2, skip=2)
