@@ -18,11 +18,9 @@ def gpu_throughput():
     return mod
 
 
-def test_cpu_smoke_reports_a_whole_step(gpu_throughput, tmp_path):
+def test_cpu_smoke_reports_a_whole_step(gpu_throughput, tmp_path, one_thread):
     out = tmp_path / 'smoke.json'
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    try: rows = gpu_throughput.main(['--cpu-smoke', '--steps', '1', '--warmup', '1', '--json', str(out)])
-    finally: torch.set_num_threads(n)
+    rows = gpu_throughput.main(['--cpu-smoke', '--steps', '1', '--warmup', '1', '--json', str(out)])
     (r,) = rows
     assert (r['res'], r['batch']) == (64, 2)
     assert math.isfinite(r['loss']) and r['step_s'] > 0

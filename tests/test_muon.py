@@ -11,12 +11,7 @@ from pixeldiff_nb.muon import (NS_COEFFS, MuonAdam, OptimConfig, assign_owners, 
                                muon_scale, newton_schulz, ns_flops, shard_rows, split_params)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "These matrices are tiny: one thread avoids OpenMP start-up costs (large on a busy 2-core machine)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def svals(x): return torch.linalg.svdvals(x.double())

@@ -20,13 +20,7 @@ BIG_BUCKETS = [(b, 32) for b in bucket_sizes(512, 32) + bucket_sizes(1024, 32)] 
 SMALL_BUCKETS = [(b, 8) for b in bucket_sizes(64, 8)] + [(b, 16) for b in bucket_sizes(128, 16)] + [((64, 64), 32)]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Small models: one CPU thread is faster than several and immune to busy cores; restored afterwards."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 @pytest.fixture(scope='module')

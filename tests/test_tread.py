@@ -22,13 +22,7 @@ def micro_model(depth=6, seed=0, std=0.05):
     return m
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "These models are tiny: one CPU thread is faster than several (and immune to busy cores); restored afterwards."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 @pytest.fixture(scope='module')
