@@ -116,7 +116,9 @@ def report(title, ms, B):
 
 def bench_preset(steps, rounds):
     "Whole training steps of the `cpu` preset without and with REPA, interleaved in rounds; prints a markdown table."
-    from pixeldiff_nb.runs import get_preset, Run, StepClock
+    from pixeldiff_nb.config import get_preset
+    from pixeldiff_nb.runs import Run
+    from pixeldiff_nb.ablation import StepClock
     tmp = tempfile.mkdtemp()
     quiet = ['sample_every=0', 'val_every=1000000', 'ckpt_every=1000000', 'log_every=1000000']
     variants = {'no REPA': [], 'REPA, VGG16 relu4_3 (stand-in)': ['repa.weight=0.5'],

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from pixeldiff_nb.launch import (launch_cli, launch, launch_command, check_launch, write_launch_files, smoke_overrides,
                                  slurm_script, image_flops)
-from pixeldiff_nb.runs import get_preset, validate_run, Run, list_checkpoints, PRESETS
+from pixeldiff_nb.config import get_preset, validate_run, PRESETS
+from pixeldiff_nb.runs import Run
+from pixeldiff_nb.checkpoints import list_checkpoints
 from pixeldiff_nb.training import Callback, unwrap
 from pixeldiff_nb.model import count_params
 

@@ -11,8 +11,9 @@ from pixeldiff_nb.diffusion import DiffusionConfig
 from pixeldiff_nb.training import Objective, TrainModule, EMA, Learner, NaNGuardCB, unwrap, step_generator
 from pixeldiff_nb.checkpoints import (save_checkpoint, load_checkpoint, latest_checkpoint, list_checkpoints, pack_state,
                                       unpack_state)
-from pixeldiff_nb.runs import (StepClock, step_cost, get_preset, apply_overrides, validate_run, config_to_dict, config_from_dict, RunConfig, Run,
-                               train, train_cli, sample_cli, export_weights, load_for_sampling)
+from pixeldiff_nb.config import get_preset, apply_overrides, validate_run, config_to_dict, config_from_dict, RunConfig
+from pixeldiff_nb.runs import Run, train, train_cli, sample_cli, export_weights, load_for_sampling
+from pixeldiff_nb.ablation import StepClock, step_cost
 
 MICRO = ['model.depth=2', 'model.hidden=64', 'model.heads=1', 'stages.0.global_batch=4', 'stages.0.steps=4', 'val_every=2',
          'sample_every=0', 'ckpt_every=2', 'log_every=2', 'val_batches=1', 'warmup=2']
