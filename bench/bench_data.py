@@ -16,7 +16,8 @@ import torch
 import datasets
 from PIL import Image
 
-from pixeldiff_nb.data import BucketLoader, load_image_text, decode_image, to_rgb
+from pixeldiff_nb.data import load_image_text, decode_image, to_rgb
+from pixeldiff_nb.buckets import BucketLoader
 
 datasets.disable_progress_bars()
 

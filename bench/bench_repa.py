@@ -26,7 +26,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 import transformers
 from pixeldiff_nb.core import Timer, autocast, seed_everything
-from pixeldiff_nb.data import bucket_sizes
+from pixeldiff_nb.buckets import bucket_sizes
 from pixeldiff_nb.model import PRXDenoiser, RoutePlan, model_config, denoiser_flops
 from pixeldiff_nb.repa import (RepaConfig, VGGStandIn, build_repa, dinov2_config, dinov3_config, teacher_flops,
                                teacher_size)

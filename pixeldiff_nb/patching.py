@@ -13,12 +13,12 @@ import torch.nn.functional as F
 __all__ = ['check_divisible', 'patchify', 'unpatchify', 'token_count', 'BottleneckPatchEmbed', 'grid_positions', 'rope_angles',
            'rope_cos_sin', 'apply_rope']
 
-# %% ../nbs/03_patching.ipynb #abebd26c
+# %% ../nbs/03_patching.ipynb #68979e02
 def check_divisible(H: int, W: int, p: int):
     "Raise a one-line error unless the image sides are multiples of the patch size."
     if H % p or W % p:
         raise ValueError(f"Image size {H}x{W} is not divisible by the patch size {p}: resize it to an aspect-ratio "
-                         f"bucket (pixeldiff_nb.data.bucket_sizes) or choose a patch size that divides both sides.")
+                         f"bucket (pixeldiff_nb.buckets.bucket_sizes) or choose a patch size that divides both sides.")
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     "Cut images (B, C, H, W) into patch vectors (B, N, C·p²), channel-major inside a patch, patches in row-major order."

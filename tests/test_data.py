@@ -1,4 +1,4 @@
-"""Unit tests for `pixeldiff_nb.data`: buckets, loading (imagefolder / parquet / webdataset / streaming), bad records,
+"""Unit tests for `pixeldiff_nb.data` and `pixeldiff_nb.buckets`: buckets, loading (imagefolder / parquet / webdataset / streaming), bad records,
 bucketed batches (sharding, determinism, exact resume), the shapes set and the emoji builder (offline, fake fixtures)."""
 import io, json, math, tarfile
 from pathlib import Path
@@ -10,6 +10,7 @@ import datasets
 from PIL import Image
 
 from pixeldiff_nb import data as D
+from pixeldiff_nb import buckets as B
 from pixeldiff_nb import emoji as E
 from pixeldiff_nb.core import data_samples_dir
 
@@ -27,7 +28,7 @@ def mixed_shapes(n=48, seed=0):
 # ---------------------------------------------------------------- buckets
 def test_bucket_counts_and_rule():
     for size, count, lo in ((512, 13, 240), (1024, 27, 984)):
-        bs = D.bucket_sizes(size, 32)
+        bs = B.bucket_sizes(size, 32)
         assert len(bs) == count
         n2 = (size // 32) ** 2
         for H, W in bs:
@@ -37,28 +38,28 @@ def test_bucket_counts_and_rule():
         assert (size, size) in bs
         assert bs == sorted(bs, key=lambda hw: hw[1] / hw[0])
         assert set(bs) == {(W, H) for H, W in bs}                                        # symmetric
-    assert D.bucket_sizes(512)[0] == (704, 352) and D.bucket_sizes(1024)[-1] == (704, 1440)
+    assert B.bucket_sizes(512)[0] == (704, 352) and B.bucket_sizes(1024)[-1] == (704, 1440)
 
 
 @pytest.mark.parametrize('patch', [8, 16])
 def test_small_cpu_buckets(patch):
-    bs = D.bucket_sizes(64, patch)
+    bs = B.bucket_sizes(64, patch)
     assert (64, 64) in bs and len(bs) >= 3
     assert all(H % patch == 0 and W % patch == 0 and 0.5 <= W / H <= 2 for H, W in bs)
 
 
 def test_bucket_bad_size():
-    with pytest.raises(ValueError, match='multiple of patch'): D.bucket_sizes(500, 32)
+    with pytest.raises(ValueError, match='multiple of patch'): B.bucket_sizes(500, 32)
 
 
 def test_nearest_bucket_and_resize():
-    bs = D.bucket_sizes(512)
-    assert D.nearest_bucket(700, 700, bs) == (512, 512)
-    assert D.nearest_bucket(1080, 1920, bs) == (384, 672)
-    assert D.nearest_bucket(1920, 1080, bs) == (672, 384)
-    assert D.nearest_bucket(10, 1000, bs) == (352, 704)
+    bs = B.bucket_sizes(512)
+    assert B.nearest_bucket(700, 700, bs) == (512, 512)
+    assert B.nearest_bucket(1080, 1920, bs) == (384, 672)
+    assert B.nearest_bucket(1920, 1080, bs) == (672, 384)
+    assert B.nearest_bucket(10, 1000, bs) == (352, 704)
     im = Image.new('LA', (300, 100))
-    out = D.resize_to_bucket(im, D.nearest_bucket(100, 300, bs))
+    out = B.resize_to_bucket(im, B.nearest_bucket(100, 300, bs))
     assert out.size == (704, 352) and out.mode == 'RGB'
 
 
@@ -105,7 +106,7 @@ def imagefolder(tmp_path_factory):
 def test_load_imagefolder(imagefolder):
     data = D.load_image_text(imagefolder)
     assert data.image_column == 'image' and data.caption_columns == ['caption', 'short_caption']
-    b = next(iter(D.BucketLoader(data, 64, 16, 5, drop_last=False)))
+    b = next(iter(B.BucketLoader(data, 64, 16, 5, drop_last=False)))
     assert b['pixels'].ndim == 4 and b['pixels'].shape[-2:] == b['bucket']
 
 
@@ -117,7 +118,7 @@ def test_load_parquet_and_stream(tmp_path):
     assert D.load_image_text(tmp_path, streaming=True).streaming
     got = []
     for r in range(2):                                              # 4 shards over 2 ranks: split by whole shards
-        ld = D.BucketLoader(ds.to_iterable_dataset(num_shards=4), 64, 16, 4, rank=r, world_size=2,
+        ld = B.BucketLoader(ds.to_iterable_dataset(num_shards=4), 64, 16, 4, rank=r, world_size=2,
                             drop_last=False, extra_columns=['attrs'])
         for b in ld:
             assert b['pixels'].shape[-2:] == b['bucket'] and len(b['attrs']) == len(b['captions'])
@@ -129,7 +130,7 @@ def test_load_parquet_and_stream(tmp_path):
 def test_stream_state_dict_resumes(tmp_path):
     ds = D.shapes_dataset(24, 64, seed=1)
     for k in range(2): ds.shard(2, k).to_parquet(str(tmp_path/f'p{k}.parquet'))
-    mk = lambda: D.BucketLoader(D.load_image_text(tmp_path, streaming=True), 64, 16, 4, shuffle=False)
+    mk = lambda: B.BucketLoader(D.load_image_text(tmp_path, streaming=True), 64, 16, 4, shuffle=False)
     ref = mk(); it = iter(ref); next(it); next(it); st = ref.state_dict(); rest = [b['captions'] for b in it]
     assert st['stream'] is not None
     res = mk(); res.load_state_dict(st)
@@ -145,7 +146,7 @@ def test_load_webdataset(tmp_path):
                     ti = tarfile.TarInfo(f'{s}{k:03d}.{ext}'); ti.size = len(blob); tf.addfile(ti, io.BytesIO(blob))
     data = D.load_image_text(tmp_path)
     assert data.image_column == 'png' and data.caption_columns == ['txt'] and len(data) == 8
-    batches = list(D.BucketLoader(data, 64, 16, 4))
+    batches = list(B.BucketLoader(data, 64, 16, 4))
     assert len(batches) == 2 and all(b['pixels'].shape == (4, 3, 64, 64) for b in batches)
 
 
@@ -162,9 +163,9 @@ def test_no_usable_column_errors():
 def test_explicit_columns_and_weights():
     ds = datasets.Dataset.from_dict({'pic': [png_bytes(Image.new('RGB', (64, 64)))] * 8, 'a': ['short'] * 8, 'b': ['long'] * 8})
     data = D.as_image_text(ds, image_column='pic', caption_columns=['a', 'b'], caption_weights=[0, 1])
-    caps = [c for b in D.BucketLoader(data, 64, 16, 4) for c in b['captions']]
+    caps = [c for b in B.BucketLoader(data, 64, 16, 4) for c in b['captions']]
     assert caps == ['long'] * 8
-    caps = [c for b in D.BucketLoader(data, 64, 16, 4, caption_weights=[1, 0]) for c in b['captions']]
+    caps = [c for b in B.BucketLoader(data, 64, 16, 4, caption_weights=[1, 0]) for c in b['captions']]
     assert caps == ['short'] * 8
 
 
@@ -212,7 +213,7 @@ def test_prepare_image_each_case():
 
 def test_loader_skips_and_counts_bad_records():
     ds, keys = bad_records_dataset()
-    ld = D.BucketLoader(ds, 64, 16, 4, drop_last=False, shuffle=False, extra_columns=['key'])
+    ld = B.BucketLoader(ds, 64, 16, 4, drop_last=False, shuffle=False, extra_columns=['key'])
     batches = list(ld)                                              # never raises
     used = [k for b in batches for k in b['key']]
     assert set(used) == {'ok', 'gray', 'cmyk', 'alpha', 'palette', '16bit'}
@@ -231,31 +232,31 @@ def shapes_data():
 
 
 def test_batches_uniform_shapes(shapes_data):
-    ld = D.BucketLoader(shapes_data, 64, 16, 4, extra_columns=['attrs'])
+    ld = B.BucketLoader(shapes_data, 64, 16, 4, extra_columns=['attrs'])
     n = 0
     for b in ld:
         H, W = b['bucket']
         assert b['pixels'].shape == (4, 3, H, W) and b['pixels'].dtype == torch.float32
         assert -1 <= b['pixels'].min() and b['pixels'].max() <= 1
-        for a in b['attrs']: assert D.nearest_bucket(a['height'], a['width'], ld.buckets) == (H, W)
+        for a in b['attrs']: assert B.nearest_bucket(a['height'], a['width'], ld.buckets) == (H, W)
         n += 1
     assert n == len(ld) > 0 and len({b[0] for b in ld.epoch_batches(0)}) > 1
 
 
 @pytest.mark.parametrize('world_size', [2, 3])
 def test_rank_sharding(shapes_data, world_size):
-    full = [D.BucketLoader(shapes_data, 64, 16, 4, rank=r, world_size=world_size, drop_last=False) for r in range(world_size)]
+    full = [B.BucketLoader(shapes_data, 64, 16, 4, rank=r, world_size=world_size, drop_last=False) for r in range(world_size)]
     rows = [i for ld in full for _, idx in ld.epoch_batches(1) for i in idx]
     assert sorted(rows) == list(range(60))                          # covers everything, no overlap
-    dl = [D.BucketLoader(shapes_data, 64, 16, 4, rank=r, world_size=world_size) for r in range(world_size)]
+    dl = [B.BucketLoader(shapes_data, 64, 16, 4, rank=r, world_size=world_size) for r in range(world_size)]
     assert len({len(ld) for ld in dl}) == 1                         # equal batch counts per rank
     sets = [{i for _, idx in ld.epoch_batches(0) for i in idx} for ld in dl]
     assert sum(map(len, sets)) == len(set().union(*sets))
-    with pytest.raises(ValueError, match='rank'): D.BucketLoader(shapes_data, 64, 16, 4, rank=3, world_size=3)
+    with pytest.raises(ValueError, match='rank'): B.BucketLoader(shapes_data, 64, 16, 4, rank=3, world_size=3)
 
 
 def test_deterministic_order(shapes_data):
-    mk = lambda seed: D.BucketLoader(shapes_data, 64, 16, 4, seed=seed)
+    mk = lambda seed: B.BucketLoader(shapes_data, 64, 16, 4, seed=seed)
     assert mk(1).epoch_batches(0) == mk(1).epoch_batches(0)
     assert mk(1).epoch_batches(0) != mk(2).epoch_batches(0)
     assert mk(1).epoch_batches(0) != mk(1).epoch_batches(1)
@@ -264,7 +265,7 @@ def test_deterministic_order(shapes_data):
 
 
 def test_exact_resume_across_epochs(shapes_data):
-    mk = lambda: D.BucketLoader(shapes_data, 64, 16, 4, seed=7)
+    mk = lambda: B.BucketLoader(shapes_data, 64, 16, 4, seed=7)
     ref = mk(); n = len(ref)
     it = ref.iter_forever(); [next(it) for _ in range(n - 2)]
     state = json.loads(json.dumps(ref.state_dict()))               # a state survives JSON (checkpoints)
@@ -276,26 +277,26 @@ def test_exact_resume_across_epochs(shapes_data):
     assert all(torch.equal(x['pixels'], y['pixels']) for x, y in zip(again, rest))
     assert ref.state_dict() == res.state_dict()
     with pytest.raises(ValueError, match='seed 7 != 8'):
-        D.BucketLoader(shapes_data, 64, 16, 4, seed=8).load_state_dict(state)
+        B.BucketLoader(shapes_data, 64, 16, 4, seed=8).load_state_dict(state)
 
 
 def test_break_keeps_position_and_workers_match(shapes_data):
-    ld = D.BucketLoader(shapes_data, 64, 16, 4, seed=2)
-    seq = [b['index'] for b in D.BucketLoader(shapes_data, 64, 16, 4, seed=2)]
+    ld = B.BucketLoader(shapes_data, 64, 16, 4, seed=2)
+    seq = [b['index'] for b in B.BucketLoader(shapes_data, 64, 16, 4, seed=2)]
     first = []
     for b in ld:
         first.append(b['index'])
         if len(first) == 3: break
     rest = [b['index'] for b in ld]
     assert first + rest == seq and ld.epoch == 1
-    wk = D.BucketLoader(shapes_data, 64, 16, 4, seed=2, num_workers=2)
+    wk = B.BucketLoader(shapes_data, 64, 16, 4, seed=2, num_workers=2)
     assert [b['index'] for b in wk] == seq
 
 
 def test_forever_with_no_batch_fails():
     ds = D.shapes_dataset(3, 64)
     with pytest.raises(ValueError, match='lower batch_size'):
-        next(D.BucketLoader(ds, 64, 16, 8).iter_forever())
+        next(B.BucketLoader(ds, 64, 16, 8).iter_forever())
 
 
 def test_train_val_split_stable(imagefolder):
@@ -419,6 +420,6 @@ def test_bundled_samples():
 
 
 def test_preview_cli(tmp_path, capsys):
-    D.preview_cli(['--source', 'shapes', '--out', str(tmp_path), '-n', '4', '--image-size', '64'])
+    B.preview_cli(['--source', 'shapes', '--out', str(tmp_path), '-n', '4', '--image-size', '64'])
     assert {p.name for p in tmp_path.iterdir()} == {'samples.png', 'buckets.png', 'report.txt'}
     assert str(tmp_path) in capsys.readouterr().out

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pixeldiff_nb.data import bucket_sizes
+from pixeldiff_nb.buckets import bucket_sizes
 from pixeldiff_nb.patching import (patchify, unpatchify, token_count, BottleneckPatchEmbed, grid_positions, rope_cos_sin,
                                    apply_rope)
 from pixeldiff_nb.model import (PRXDenoiser, RoutePlan, model_config, count_params, denoiser_flops, gather_tokens,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import pixeldiff_nb.repa as repa_mod
 from pixeldiff_nb.core import MissingWeightsError
-from pixeldiff_nb.data import bucket_sizes
+from pixeldiff_nb.buckets import bucket_sizes
 from pixeldiff_nb.model import PRXDenoiser, RoutePlan, model_config, gather_tokens
 from pixeldiff_nb.repa import (DINOV3_L, IMAGENET_MEAN, IMAGENET_STD, DinoTeacher, Repa, RepaConfig, RepaProjector,
                                VGGStandIn, build_repa, build_teacher, dinov2_config, dinov3_config, pca_rgb, repa_loss,
