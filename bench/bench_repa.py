@@ -166,41 +166,38 @@ def main():
 
     # cpu preset: tiny denoiser at 64 px, stand-in teacher, REPA on block 2, TREAD 50% over blocks 1..4
     mcfg, B = model_config('tiny'), args.batch
-    x0 = torch.rand(B, 3, 64, 64, device=dev) * 2 - 1
-    txt, mask = torch.randn(B, 16, mcfg.text_dim, device=dev), torch.ones(B, 16, dtype=torch.bool, device=dev)
-    keep = torch.rand(B, 64, device=dev).argsort(1)[:, :32].sort(1).values
-    fns, model = {}, PRXDenoiser(mcfg).to(dev)
-    for layer in ('relu4_3', 'relu3_3'):   # relu3_3 has stride 4: it sees the image at 32 px for the same 8×8 grid
-        repa = build_repa(RepaConfig(layer=2, teacher='vgg16', proj_width=512), mcfg, device=dev,
-                          teacher=VGGStandIn(layer, pretrained=False))   # random weights: same cost, no weights needed
-        f = step_fns(model, repa, x0, txt, mask, keep, (1, 4), dev)
-        if not fns: fns['denoiser fwd+bwd, no REPA'] = f['denoiser fwd+bwd, no REPA']
-        fns[f'denoiser fwd+bwd + REPA, VGG16 {layer}'] = f['denoiser fwd+bwd + REPA']
-        fns[f'teacher forward, VGG16 {layer}'] = f['teacher forward']
-    fns['projector fwd+bwd + loss'] = f['projector fwd+bwd + loss']
+    stand_in = lambda layer: lambda: build_repa(RepaConfig(layer=2, teacher='vgg16', proj_width=512), mcfg, device=dev,
+                                                teacher=VGGStandIn(layer, pretrained=False))   # random weights: same cost
+    # relu3_3 has stride 4: it sees the image at 32 px for the same 8×8 grid
+    fns = teacher_comparison(mcfg, B, 64, 16, (1, 4), {f'VGG16 {l}': stand_in(l) for l in ('relu4_3', 'relu3_3')}, dev)
     ms = interleaved(fns, args.seconds)
     report(f'cpu preset on {dev.type}: tiny denoiser, 64 px, batch {B}, STAND-IN VGG16 teacher, TREAD 50% over blocks 1-4', ms, B)
 
     if dev.type == 'cuda':
-        del repa
         mcfg, B = model_config('small'), args.gpu_batch
-        x0 = torch.rand(B, 3, 512, 512, device=dev) * 2 - 1
-        txt, mask = torch.randn(B, 256, mcfg.text_dim, device=dev), torch.ones(B, 256, dtype=torch.bool, device=dev)
-        keep = torch.rand(B, 256, device=dev).argsort(1)[:, :128].sort(1).values
-        fns, model = {}, PRXDenoiser(mcfg).to(dev)
-        for label, kw in [('fp32 teacher', dict(teacher_bf16=False)), ('bf16 teacher', {}),
-                          ('bf16 compiled teacher', dict(compile_teacher=True))]:
-            repa = build_repa(RepaConfig(**kw), mcfg, teacher=dinov3_config('vitl16'), device=dev)  # random DINOv3-L weights
-            f = step_fns(model, repa, x0, txt, mask, keep, (2, 12), dev)
-            if not fns: fns['denoiser fwd+bwd, no REPA'] = f['denoiser fwd+bwd, no REPA']
-            fns[f'denoiser fwd+bwd + REPA, {label}'] = f['denoiser fwd+bwd + REPA']
-            fns[f'teacher forward, {label}'] = f['teacher forward']
-        fns['projector fwd+bwd + loss'] = f['projector fwd+bwd + loss']
+        dino = lambda **kw: lambda: build_repa(RepaConfig(**kw), mcfg, teacher=dinov3_config('vitl16'), device=dev)  # random DINOv3-L
+        fns = teacher_comparison(mcfg, B, 512, 256, (2, 12), {'fp32 teacher': dino(teacher_bf16=False), 'bf16 teacher': dino(),
+                                                              'bf16 compiled teacher': dino(compile_teacher=True)}, dev)
         ms = interleaved(fns, args.seconds)
         report(f'speedrun stage 1 on {name}: small denoiser, 512 px, batch {B}, bf16 autocast, DINOv3-L/16 (random init) '
                f'teacher at 256 px, TREAD 50% over blocks 2-12', ms, B)
         print(f'peak GPU memory {torch.cuda.max_memory_allocated()/2**30:.1f} GiB\n')
 
+
+def teacher_comparison(mcfg, B, H, text_len, span, repas: dict, dev) -> dict:
+    "Timing functions: the denoiser's fwd+bwd without REPA and with each REPA of `repas` {label: builder}, each teacher alone, the projector."
+    N = (H // mcfg.patch) ** 2
+    x0 = torch.rand(B, 3, H, H, device=dev) * 2 - 1
+    txt, mask = torch.randn(B, text_len, mcfg.text_dim, device=dev), torch.ones(B, text_len, dtype=torch.bool, device=dev)
+    keep = torch.rand(B, N, device=dev).argsort(1)[:, :N // 2].sort(1).values      # TREAD 50%: the kept tokens
+    fns, model = {}, PRXDenoiser(mcfg).to(dev)
+    for label, build in repas.items():
+        f = step_fns(model, build(), x0, txt, mask, keep, span, dev)
+        if not fns: fns['denoiser fwd+bwd, no REPA'] = f['denoiser fwd+bwd, no REPA']
+        fns[f'denoiser fwd+bwd + REPA, {label}'] = f['denoiser fwd+bwd + REPA']
+        fns[f'teacher forward, {label}'] = f['teacher forward']
+    fns['projector fwd+bwd + loss'] = f['projector fwd+bwd + loss']
+    return fns
 
 if __name__ == '__main__':
     main()
