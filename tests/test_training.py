@@ -13,7 +13,7 @@ from pixeldiff_nb.checkpoints import (save_checkpoint, load_checkpoint, latest_c
                                       unpack_state)
 from pixeldiff_nb.config import get_preset, apply_overrides, validate_run, config_to_dict, config_from_dict, RunConfig
 from pixeldiff_nb.runs import Run, train, train_cli, sample_cli, export_weights, load_for_sampling
-from pixeldiff_nb.ablation import StepClock, step_cost
+from pixeldiff_nb.ablation import StepClock, TimeBudgetCB, step_cost
 
 MICRO = ['model.depth=2', 'model.hidden=64', 'model.heads=1', 'stages.0.global_batch=4', 'stages.0.steps=4', 'val_every=2',
          'sample_every=0', 'ckpt_every=2', 'log_every=2', 'val_batches=1', 'warmup=2']
@@ -157,6 +157,16 @@ def test_step_clock_splits_steps_and_stops_the_fit():
     assert learn.step == 3 and clock.times == [(1.0, 1.0)] * 3        # stopped after n steps; one tick per reading
     assert clock.step_s == [2.0] * 3 and clock.rest_s == [1.0] * 3
     assert StepClock().order == 5 and StepClock(order=100).order == 100
+
+
+def test_time_budget_stops_the_fit_on_its_clock():
+    cfg = model_config('tiny', depth=1, hidden=32, heads=2, axes_dim=(8, 8), text_dim=16, bottleneck=8)
+    model = TrainModule(PRXDenoiser(cfg))
+    budget = TimeBudgetCB(2.5, clock=_Ticker())                        # readings 1 (start), 2, 3, 4: over budget after step 3
+    learn = Learner(model, Objective(DiffusionConfig(), torch.zeros(1, 6, 16), torch.ones(1, 6, dtype=torch.bool)),
+                    torch.optim.SGD(model.parameters(), lr=0.0), iter([_batch(cfg, B=2)] * 10), cbs=[budget])
+    learn.fit(10)
+    assert learn.step == 3
 
 
 def test_step_cost_refuses_nothing_to_time():
