@@ -17,6 +17,8 @@ from safetensors.torch import save_file, load_file
 from .core import seed_everything, get_device, save_images, cache_dir
 from .data import load_image_text, mix_image_text, train_val_split
 from .buckets import BucketLoader
+from .prepare import shards_root
+from .shards import ShardLoader, shard_folder, check_run_shards
 from .text import TextEncoder, TextCache
 from .model import PRXDenoiser
 from .perceptual import build_perceptual_losses
@@ -113,17 +115,19 @@ class Run:
                                    device=self.device)
         cfg.model.text_dim = self.encoder.dim                       # the recipe sets context_in_dim from the text tower
         # data: held-out split for validation
-        cc = cfg.data.caption_columns
-        data = (mix_image_text(cfg.data.sources, seed=cfg.seed, streaming=cfg.data.streaming) if cfg.data.sources else
-                load_image_text(cfg.data.source, caption_columns=list(cc) if cc else None, streaming=cfg.data.streaming,
-                                caption_weights=list(cc.values()) if isinstance(cc, dict) else None))
-        self.train_data, self.val_data = (data, None) if cfg.data.streaming else train_val_split(data, cfg.data.val_fraction, cfg.seed)
+        self.shards = shards_root(cfg)                              # data.source='shards:DIR': prepared shards (01c_prepare)
+        cc, self.train_data, self.val_data = cfg.data.caption_columns, None, None
+        if self.shards is None:
+            data = (mix_image_text(cfg.data.sources, seed=cfg.seed, streaming=cfg.data.streaming) if cfg.data.sources else
+                    load_image_text(cfg.data.source, caption_columns=list(cc) if cc else None, streaming=cfg.data.streaming,
+                                    caption_weights=list(cc.values()) if isinstance(cc, dict) else None))
+            self.train_data, self.val_data = (data, None) if cfg.data.streaming else train_val_split(data, cfg.data.val_fraction, cfg.seed)
         cache_root = Path(cfg.data.text_cache) if cfg.data.text_cache else cache_dir('text')
-        if self.acc.is_main_process and not cfg.data.streaming:
+        if self.acc.is_main_process and not cfg.data.streaming and self.shards is None:
             TextCache(cache_root, self.encoder).precompute(all_captions(data))
         self.acc.wait_for_everyone()
-        self.text = TextCache(cache_root, self.encoder)
-        self.null_txt, self.null_mask = self.text.empty()
+        self.text = TextCache(cache_root, self.encoder)             # sample prompts; shards carry the captions' states
+        self.null_txt, self.null_mask = self.text.empty() if self.shards is None else check_run_shards(cfg, self.encoder)
         self.null_txt = self.null_txt.float()
         # model, REPA projector, EMA, optimizer, schedule
         net = PRXDenoiser(cfg.model)
@@ -162,12 +166,18 @@ class Run:
     def loader(self, k: int) -> BucketLoader:
         "This process's bucketed loader for stage k."
         st = self.cfg.stages[k]
+        if self.shards is not None:                                 # prepared shards: workers decode, states precomputed
+            return ShardLoader(shard_folder(self.shards, st.image_size), self.micro_batch(st), seed=self.cfg.seed + k,
+                               rank=self.rank, world_size=self.acc.num_processes, split='train',
+                               val_fraction=self.cfg.data.val_fraction, num_workers=self.cfg.data.num_workers,
+                               device=self.device)
         return BucketLoader(self.train_data, st.image_size, self.cfg.model.patch, self.micro_batch(st), seed=self.cfg.seed + k,
                             rank=self.rank, world_size=self.acc.num_processes, num_workers=self.cfg.data.num_workers)
 
     def batches(self, loader: BucketLoader):
         "Endless batches with caption encodings (from the cache; encoded on the fly when streaming), on this process's device."
         for b in loader.iter_forever():
+            if self.shards is not None: yield {k: b[k] for k in ('pixels', 'txt', 'mask', 'captions')}; continue   # no text encoding
             if self.cfg.data.streaming: txt, mask = self.encoder.encode(b['captions'])   # a stream: a cache would grow without end
             else: txt, mask = self.text.get(b['captions'], self.device)
             yield {'pixels': b['pixels'].to(self.device, non_blocking=True), 'txt': txt.to(self.device).float(),
@@ -175,8 +185,12 @@ class Run:
 
     def val_batches(self, k: int) -> list:
         "A fixed list of held-out batches at stage k's resolution."
-        if self.val_data is None or len(self.val_data) == 0: return []
         st = self.cfg.stages[k]
+        if self.shards is not None:
+            ld = ShardLoader(shard_folder(self.shards, st.image_size), min(self.micro_batch(st), 32), split='val', shuffle=False,
+                             val_fraction=self.cfg.data.val_fraction, drop_last=False, device=self.device)
+            return [{k: b[k] for k in ('pixels', 'txt', 'mask')} for b, _ in zip(ld, range(self.cfg.val_batches))]
+        if self.val_data is None or len(self.val_data) == 0: return []
         ld = BucketLoader(self.val_data, st.image_size, self.cfg.model.patch, min(self.micro_batch(st), 32), seed=0,
                           shuffle=False, drop_last=False)
         out = []
