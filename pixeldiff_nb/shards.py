@@ -4,7 +4,7 @@
 
 # %% ../nbs/01d_shards.ipynb #65f15f8d
 from __future__ import annotations
-import json
+import json, warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +75,10 @@ def plan_batches(bucket_of: np.ndarray, n_buckets: int, batch_size: int, seed: i
     if drop_last: batches = batches[:len(batches) // world_size * world_size]   # the same count on every rank
     return batches[rank::world_size]
 
-# %% ../nbs/01d_shards.ipynb #d86a4fab
+# %% ../nbs/01d_shards.ipynb #f3935724
+warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision',
+                        category=DeprecationWarning)   # torchvision.io still decodes (nvJPEG too); torchcodec replaces it later
+
 def decode_images(blobs: list[bytes]) -> torch.Tensor:
     "Encoded images (JPEG or PNG) of one bucket -> uint8 (B, 3, H, W), decoded by torchvision (libjpeg-turbo / libpng)."
     from torchvision.io import decode_image, ImageReadMode
@@ -104,8 +107,9 @@ class ShardLoader:
     "Whole-bucket batches of prepared shards (images + caption states): deterministic, sharded over ranks, resumable."
     def __init__(self, folder, batch_size: int = 8, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                  split: str = 'all', val_fraction: float = 0.0, shuffle: bool = True, drop_last: bool = True,
-                 num_workers: int = 0, prefetch: int = 2, device=None, gpu_decode: bool = False,
+                 num_workers: int = 0, prefetch: int = 2, device=None, gpu_decode: bool = False, uint8: bool = False,
                  storage_options: dict | None = None):
+        # uint8: batches keep pixels as uint8 (4x fewer bytes between processes; convert where they are used)
         if not 0 <= rank < world_size: raise ValueError(f'rank {rank} must be in [0, world_size={world_size})')
         self.device = torch.device(device or 'cpu')
         if gpu_decode and self.device.type != 'cuda':
@@ -117,7 +121,7 @@ class ShardLoader:
         self.buckets = [tuple(b) for b in self.header['buckets']]
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle, self.drop_last, self.num_workers, self.prefetch = shuffle, drop_last, num_workers, prefetch
-        self.gpu_decode, self.dim, self.max_length = gpu_decode, self.header['dim'], self.header['max_length']
+        self.gpu_decode, self.uint8, self.dim, self.max_length = gpu_decode, uint8, self.header['dim'], self.header['max_length']
         u, b = (self.ds.data.column(c).to_numpy() for c in ('u', 'bucket'))
         keep = {'all': np.ones_like(u, bool), 'train': u >= val_fraction, 'val': u < val_fraction}[split]
         self._bucket_of = np.where(keep, b, -1).astype(np.int64)   # the planner's input: one bucket index a row
@@ -149,16 +153,18 @@ def _sl_load(self: ShardLoader, epoch: int, b: int, idx: list) -> dict:
     txt, mask = pad_states(states, self.max_length)
     out = {'txt': txt, 'mask': mask, 'captions': caps, 'bucket': self.buckets[b], 'epoch': epoch, 'index': list(idx)}
     if self.gpu_decode: out['jpeg'] = [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in rows['image']]
-    elif self.device.type == 'cuda': out['pixels_u8'] = decode_images(rows['image'])   # 4× fewer bytes to move
-    else: out['pixels'] = to_unit(decode_images(rows['image']))                          # the float conversion in the worker
+    elif self.device.type == 'cuda' or self.uint8: out['pixels_u8'] = decode_images(rows['image'])   # 4× fewer bytes
+    else: out['pixels'] = to_unit(decode_images(rows['image']))                  # CPU training: converted in the worker
     return out
 ShardLoader._load = _sl_load
 
 def _sl_finish(self: ShardLoader, out: dict) -> dict:
-    "A collated batch on the loader's device: pixels float in [-1, 1], text states float32."
+    "A collated batch on the loader's device: pixels float in [-1, 1] (or uint8), text states float32."
     dev, nb = self.device, self.device.type == 'cuda'
-    if 'jpeg' in out: out['pixels'] = to_unit(decode_images_gpu(out.pop('jpeg'), dev))
-    elif 'pixels_u8' in out: out['pixels'] = to_unit(out.pop('pixels_u8').to(dev, non_blocking=nb))
+    if 'jpeg' in out: out['pixels_u8'] = decode_images_gpu(out.pop('jpeg'), dev)
+    if 'pixels_u8' in out:
+        px = out.pop('pixels_u8').to(dev, non_blocking=nb)
+        out['pixels'] = px if self.uint8 else to_unit(px)
     out['txt'], out['mask'] = out['txt'].to(dev, non_blocking=nb).float(), out['mask'].to(dev, non_blocking=nb)
     return out
 ShardLoader._finish = _sl_finish
