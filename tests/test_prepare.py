@@ -72,8 +72,25 @@ def test_ranks_take_disjoint_shards_and_resume_skips_finished_ones(tmp_path, enc
     assert changed == [mark.name.replace('.json', '.arrow')]   # only the unfinished shard was written again
 
 
+def test_accelerate_launch_gives_each_rank_its_share(tmp_path):
+    cmd = ['accelerate', 'launch', '--cpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
+           '--dynamo_backend', 'no', '--main_process_port', str(_free_port()), '-m', 'pixeldiff_nb.prepare', 'shapes',
+           '--out', str(tmp_path), '--size', '64', '--patch', '8', '--n', '12', '--shard-size', '4']
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'rank 0/2: 2 shards' in res.stdout and 'rank 1/2: 1 shards' in res.stdout   # shards 0, 2 and 1
+    _, table, rep = open_shards(tmp_path/'64px')
+    assert len(set(table['key'])) == 12 and rep.used == 12
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
 def test_prepare_cli_and_jobs(tmp_path, capsys):
-    assert prepare_cli(['shapes', '--out', str(tmp_path), '--size', '64', '--patch', '8', '--n', '6', '--shard-size', '4']) == 0
+    assert prepare_cli(['shapes', '--out', str(tmp_path), '--size', '64', '--patch', '8', '--n', '6', '--shard-size', '4',
+                        '--workers', '1']) == 0                    # images through a process pool
     assert '6 records seen, 6 used' in capsys.readouterr().out
     assert prepare_cli(['--size', '64']) == 2 and 'give --out DIR' in capsys.readouterr().err
     jobs = prepare_jobs(get_preset('gpu', ['data.source=shards:/s']))
