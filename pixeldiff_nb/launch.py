@@ -30,11 +30,11 @@ __all__ = ['NUM_WORKERS_512', 'SPEEDRUN_SOURCES', 'H200_BF16_PEAK', 'TEXT_ENCODE
 
 # %% ../nbs/12_launch.ipynb #1bc9bb1c
 def shards_dir(name: str) -> str:
-    "Where a preset's prepared shards live: `$PIXELDIFF_SHARDS/<name>` (a shared disk or bucket URL), else the project cache."
+    "A preset's shards: `$PIXELDIFF_SHARDS/<name>` (a shared disk or bucket URL), else the cache."
     root = os.environ.get('PIXELDIFF_SHARDS')
     return f"{root.rstrip('/')}/{name}" if root else str(cache_dir('shards')/name)
 
-NUM_WORKERS_512 = 4   # decode workers per GPU process: ~300 images per core-second measured, 200/s needed, 2× margin
+NUM_WORKERS_512 = 4   # per GPU process: ~300 images/core-s measured, 200/s needed, 2× margin
 
 SPEEDRUN_SOURCES = [  # P3: three public synthetic sets, 8.7M images; weights ∝ size, so every image is drawn about equally often
     dict(source='lehduong/flux_generated', weight=1.7, caption_columns=['caption_caption']),  # 1.7M; its card lists this column
@@ -48,9 +48,9 @@ def preset_speedrun() -> RunConfig:
     return RunConfig(
         preset='speedrun', seed=42, out_dir='runs/speedrun',          # seed 42: the repo's benchmark configs
         model=model_config('small'),                                  # prx_jit_32_small: ~1.177B params
-        data=DataConfig(source=f'shards:{shards_dir("speedrun")}',  # prepared once by `pixeldiff-prepare --preset speedrun`
-                        sources=SPEEDRUN_SOURCES,                     # what the prepare job reads (streamed from the hub)
-                        num_workers=NUM_WORKERS_512,                  # decode workers per GPU process (bench_prepare.py)
+        data=DataConfig(source=f'shards:{shards_dir("speedrun")}',  # written by pixeldiff-prepare
+                        sources=SPEEDRUN_SOURCES,                     # what the prepare job reads
+                        num_workers=NUM_WORKERS_512,                  # bench_prepare.py
                         text_encoder='t5gemma-2b', text_max_length=256, text_dtype='bf16'),  # repo's pixel pipeline (P3 names no encoder)
         diffusion=DiffusionConfig(),      # x-prediction, v-space MSE, shift 3, logit-normal(0, 1), 10% uniform t, caption dropout 0.1
         loss=LossConfig(lpips_weight=0.1, lpips_net='vgg', lpips_resize=0.5,      # P3 + LPIPS.yaml: VGG on images downsampled ×0.5
@@ -84,7 +84,7 @@ def preset_gpu() -> RunConfig:
     return RunConfig(
         preset='gpu', seed=42, out_dir='runs/gpu',
         model=model_config('small', depth=12, hidden=768, heads=12, patch=16, bottleneck=128, text_dim=384),  # ~170M
-        data=DataConfig(source=f'shards:{shards_dir("gpu")}',      # `pixeldiff-prepare --preset gpu` writes them
+        data=DataConfig(source=f'shards:{shards_dir("gpu")}',      # written by pixeldiff-prepare
                         sources=[dict(source=str(emoji_full_dir(512)), weight=3.0),
                                  dict(source='shapes', weight=1.0, n=20_000, size=512)],
                         num_workers=8, text_encoder='minilm'),
@@ -171,35 +171,39 @@ def plot_plan(plan: list[dict], ax=None):
     return fig
 
 # %% ../nbs/12_launch.ipynb #a1c40002
-PREPARE_RATES = {512: 75.0, 1024: 32.0}  # images per CPU-second: header, draft decode, resize, JPEG 95 (bench)
-JPEG_KB_512 = 69.0                                      # kB per 512 px JPEG 95 image (bench_prepare.py, synthetic photos)
+PREPARE_RATES = {512: 75.0, 1024: 32.0}  # images per CPU-second to each size (bench_prepare.py)
+JPEG_KB_512 = 69.0                       # kB per 512 px JPEG 95 image (bench_prepare.py)
 
-def prepare_plan(cfg: RunConfig, n_images: float = 8.7e6, nodes: int = 4, gpus_per_node: int = 8, cores_per_node: int = 96,
-                 tokens: float = 128, captions_per_image: float = 1.0, text_mfu: float = 0.3, peak: float = H200_BF16_PEAK,
-                 rates: dict | None = None) -> list[dict]:
-    "Per stage size: prepare time (CPU image work + GPU caption work, an estimate), storage and caption-encode FLOPs."
+def prepare_plan(cfg: RunConfig, n_images: float = 8.7e6, nodes: int = 4, gpus_per_node: int = 8,
+                 cores_per_node: int = 96, tokens: float = 128, captions_per_image: float = 1.0,
+                 text_mfu: float = 0.3, peak: float = H200_BF16_PEAK, rates: dict | None = None) -> list[dict]:
+    "Per stage size: prepare time (CPU images + GPU captions, an estimate), storage, encode FLOPs."
     rates, enc = rates or PREPARE_RATES, cfg.data.text_encoder
     dim = {'t5gemma-2b': 2304, 'minilm': 384}.get(enc, cfg.model.text_dim)
     caps = n_images * captions_per_image
-    per_caption = 2 * TEXT_ENCODER_PARAMS.get(enc, 0.0) * tokens          # 2·params FLOPs a token, true length
+    per_caption = 2 * TEXT_ENCODER_PARAMS.get(enc, 0.0) * tokens      # 2·params FLOPs a token
     rows = []
     for s in dict.fromkeys(st.image_size for st in cfg.stages):
-        rate = rates.get(s, rates[512] * (512 / s) ** 2)                   # unmeasured sizes scale with pixels
+        rate = rates.get(s, rates[512] * (512 / s) ** 2)               # else: scale with pixels
         img_h = n_images / (rate * nodes * cores_per_node) / 3600
         txt_h = caps * per_caption / (nodes * gpus_per_node * peak * text_mfu) / 3600
-        rows.append(dict(size=s, images_per_core_s=rate, image_hours=img_h, text_hours=txt_h, hours=img_h + txt_h,
+        rows.append(dict(size=s, images_per_core_s=rate, image_hours=img_h, text_hours=txt_h,
+                         hours=img_h + txt_h,
                          image_tb=n_images * JPEG_KB_512 * 1e3 * (s / 512) ** 2 / 1e12,
                          states_tb=caps * tokens * dim * 2 / 1e12, text_pflop=caps * per_caption / 1e15))
     return rows
 
 def prepare_table(rows: list[dict]) -> str:
     "The prepare plan as a text table with totals."
-    out = [f"{'size':>6}{'img/core·s':>11}{'CPU h':>7}{'GPU h*':>8}{'JPEG TB':>9}{'states TB':>10}{'encode PFLOP':>13}"]
+    out = [f"{'size':>6}{'img/core·s':>11}{'CPU h':>7}{'GPU h*':>8}{'JPEG TB':>9}{'states TB':>10}"
+           f"{'encode PFLOP':>13}"]
     for r in rows:
-        out.append(f"{r['size']:>6}{r['images_per_core_s']:>11.1f}{r['image_hours']:>7.2f}{r['text_hours']:>8.2f}"
-                   f"{r['image_tb']:>9.2f}{r['states_tb']:>10.2f}{r['text_pflop']:>13,.0f}")
-    out.append(f"total: {sum(r['hours'] for r in rows):.2f} h on the cluster, "
-               f"{sum(r['image_tb'] + r['states_tb'] for r in rows):.1f} TB (* caption time estimated from FLOPs)")
+        out.append(f"{r['size']:>6}{r['images_per_core_s']:>11.1f}{r['image_hours']:>7.2f}"
+                   f"{r['text_hours']:>8.2f}{r['image_tb']:>9.2f}{r['states_tb']:>10.2f}"
+                   f"{r['text_pflop']:>13,.0f}")
+    tb = sum(r['image_tb'] + r['states_tb'] for r in rows)
+    out.append(f"total: {sum(r['hours'] for r in rows):.2f} h on the cluster, {tb:.1f} TB "
+               f"(* caption time estimated from FLOPs)")
     return '\n'.join(out)
 
 # %% ../nbs/12_launch.ipynb #9c2bb54d
@@ -266,22 +270,27 @@ def slurm_script(preset: str = 'speedrun', overrides=(), nodes: int = 4, gpus_pe
         f'srun bash -c "{command_line(inner)}"', ''])
 
 # %% ../nbs/12_launch.ipynb #a1c40006
-def prepare_command(preset: str = 'speedrun', overrides=(), nodes: int = 4, gpus_per_node: int = 8, workers: int = 8,
-                    config_file: str = 'launch/accelerate_ddp.yaml') -> list[str]:
-    "`accelerate launch ... -m pixeldiff_nb.prepare --preset P`: each process prepares its shards (images on `workers` cores)."
-    cmd = launch_command(preset, (), config_file, nodes * gpus_per_node, nodes, r'\$SLURM_NODEID', '$head', resume=None)
-    return cmd[:cmd.index('-m')] + ['-m', 'pixeldiff_nb.prepare', '--preset', preset, '--workers', str(workers)] + list(overrides)
+def prepare_command(preset: str = 'speedrun', overrides=(), nodes: int = 4, gpus_per_node: int = 8,
+                    workers: int = 8, config_file: str = 'launch/accelerate_ddp.yaml') -> list[str]:
+    "`accelerate launch ... -m pixeldiff_nb.prepare --preset P`: each process prepares its shards."
+    cmd = launch_command(preset, (), config_file, nodes * gpus_per_node, nodes, r'\$SLURM_NODEID', '$head',
+                         resume=None)
+    mine = ['-m', 'pixeldiff_nb.prepare', '--preset', preset, '--workers', str(workers)]
+    return cmd[:cmd.index('-m')] + mine + list(overrides)
 
-def prepare_slurm_script(preset: str = 'speedrun', overrides=(), nodes: int = 4, gpus_per_node: int = 8,
-                         config_file: str = 'launch/accelerate_ddp.yaml', workers: int = 8, hours: int = 4) -> str:
-    "A SLURM batch script for the prepare job: one task per node running the prepare command with its node rank."
+def prepare_slurm_script(preset: str = 'speedrun', overrides=(), nodes: int = 4,
+                         gpus_per_node: int = 8, config_file: str = 'launch/accelerate_ddp.yaml',
+                         workers: int = 8,
+                         hours: int = 4) -> str:
+    "A SLURM batch script for the prepare job: one task per node runs the prepare command."
     inner = prepare_command(preset, overrides, nodes, gpus_per_node, workers, config_file)
     return '\n'.join([
-        '#!/bin/bash', f'#SBATCH --job-name=pixeldiff-prepare-{preset}', f'#SBATCH --nodes={nodes}', '#SBATCH --ntasks-per-node=1',
-        f'#SBATCH --gpus-per-node={gpus_per_node}', '#SBATCH --exclusive', f'#SBATCH --time={hours}:00:00', '#SBATCH --requeue',
+        '#!/bin/bash', f'#SBATCH --job-name=pixeldiff-prepare-{preset}', f'#SBATCH --nodes={nodes}',
+        '#SBATCH --ntasks-per-node=1', f'#SBATCH --gpus-per-node={gpus_per_node}', '#SBATCH --exclusive',
+        f'#SBATCH --time={hours}:00:00', '#SBATCH --requeue',
         '#SBATCH --output=%x-%j.out', 'set -euo pipefail', '',
         'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)', '',
-        '# shard k is prepared by process k mod world size; finished shards are skipped, so a requeue resumes',
+        '# process r prepares the shards k with k mod world size = r; requeued, it skips done ones',
         f'srun bash -c "{command_line(inner)}"', ''])
 
 # %% ../nbs/12_launch.ipynb #cddd089e
@@ -301,7 +310,7 @@ def check_launch(cfg: RunConfig, num_processes: int = 1, num_machines: int = 1) 
 
 # %% ../nbs/12_launch.ipynb #35c131af
 def write_launch_files(out_dir='launch', preset: str = 'speedrun', overrides=(), nodes: int = 4, gpus_per_node: int = 8) -> dict:
-    "Write accelerate configs, <preset>.json, <preset>.slurm, launch.sh (+ <preset>-prepare.slurm, submit.sh) into `out_dir`."
+    "Write accelerate configs, <preset>.json/.slurm, launch.sh (+ prepare job, submit.sh)."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     cfg = check_launch(get_preset(preset, overrides), nodes * gpus_per_node, nodes)
     files = {'ddp': write_yaml(accelerate_config(nodes, gpus_per_node), out/'accelerate_ddp.yaml'),
@@ -312,10 +321,13 @@ def write_launch_files(out_dir='launch', preset: str = 'speedrun', overrides=(),
     cmd = launch_command(preset, overrides, str(out/'accelerate_ddp.yaml'), nodes * gpus_per_node, nodes)
     files['command'].write_text('#!/bin/bash\n# on every node, with MASTER_ADDR = the first node and SLURM_NODEID = this node\n'
                                 + command_line(cmd) + '\n')
-    if shards_root(cfg) is not None:                      # prepare the shards first; training starts when they are complete
+    if shards_root(cfg) is not None:             # prepare the shards first, then train
         files['prepare'], files['submit'] = out/f'{preset}-prepare.slurm', out/'submit.sh'
-        files['prepare'].write_text(prepare_slurm_script(preset, overrides, nodes, gpus_per_node, str(out/'accelerate_ddp.yaml')))
-        files['submit'].write_text(f"#!/bin/bash\nset -euo pipefail\njid=$(sbatch --parsable {files['prepare']})\n"
+        ddp = str(out/'accelerate_ddp.yaml')
+        job = prepare_slurm_script(preset, overrides, nodes, gpus_per_node, ddp)
+        files['prepare'].write_text(job)
+        files['submit'].write_text(f"#!/bin/bash\nset -euo pipefail\n"
+                                   f"jid=$(sbatch --parsable {files['prepare']})\n"
                                    f"sbatch --dependency=afterok:$jid {files['slurm']}\n")
     return files
 

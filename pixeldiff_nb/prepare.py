@@ -21,19 +21,21 @@ __all__ = ['SHARD_FORMAT', 'SHARDS_PREFIX', 'encode_image', 'prepare_record', 'b
 
 # %% ../nbs/01c_prepare.ipynb #8fbbcbbb
 def encode_image(im: Image.Image, fmt: str = 'jpeg', quality: int = 95) -> bytes:
-    "An RGB image as JPEG bytes at `quality` (4:2:0 chroma, as PIL's default) or as lossless PNG bytes."
+    "An RGB image as JPEG bytes at `quality` (PIL's 4:2:0 chroma) or as lossless PNG bytes."
     buf = io.BytesIO()
     if fmt == 'jpeg': im.save(buf, format='JPEG', quality=quality)
-    elif fmt == 'png': im.save(buf, format='PNG', compress_level=1)   # lossless; level 1: fast to write and to read
+    # lossless; level 1: fast to write and to read
+    elif fmt == 'png': im.save(buf, format='PNG', compress_level=1)
     else: raise ValueError(f"image format {fmt!r} is unknown: use 'jpeg' or 'png'")
     return buf.getvalue()
 
 # %% ../nbs/01c_prepare.ipynb #ea9033d0
 def prepare_record(value, buckets, min_side: int, fmt: str = 'jpeg', quality: int = 95, key=None):
-    "One image record -> (bucket index, H, W, encoded bytes) resized once to its bucket, or (reason, report) if skipped."
+    "One image record -> ((bucket, H, W, bytes) resized once to its bucket, or None; DataReport)."
     rep = DataReport()
     try:
-        with open_image(value) as im0: h, w = im0.height, im0.width   # header only: which bucket, before decoding
+        # header only: which bucket, before decoding
+        with open_image(value) as im0: h, w = im0.height, im0.width
     except Exception: h = w = None
     H_W = nearest_bucket(h, w, buckets) if h else None
     im = prepare_image(value, rep, min_side, key=key, draft=H_W[::-1] if H_W else None)
@@ -57,7 +59,7 @@ def from_bf16_bytes(b: bytes, dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_captions(encoder, captions: list[str], batch_size: int = 64) -> dict:
-    "Each distinct caption -> its token states at true length (n_tokens, D) in bf16; batches of similar length, no padding to max."
+    "Each distinct caption -> its states at true length (n_tokens, D) in bf16, batched by length."
     from pixeldiff_nb.text import clean_caption
     todo = list(dict.fromkeys(captions))
     if not todo: return {}
@@ -66,11 +68,14 @@ def encode_captions(encoder, captions: list[str], batch_size: int = 64) -> dict:
     order, out = sorted(range(len(todo)), key=lambda i: len(tok[i])), {}
     for s in range(0, len(order), batch_size):
         ch = order[s:s + batch_size]
-        b = encoder.tokenizer.pad({'input_ids': [tok[i] for i in ch]}, padding='longest', return_tensors='pt')
+        ids = {'input_ids': [tok[i] for i in ch]}
+        b = encoder.tokenizer.pad(ids, padding='longest', return_tensors='pt')
         ids, mask = b['input_ids'].to(encoder.device), b['attention_mask'].to(encoder.device)
-        with torch.autocast(encoder.device.type, enabled=False):   # as TextEncoder.encode: outside autocast
+        # as TextEncoder.encode: outside autocast
+        with torch.autocast(encoder.device.type, enabled=False):
             h = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        for i, hi, n in zip(ch, h.to(encoder.dtype).cpu(), mask.sum(1).tolist()): out[todo[i]] = hi[:n].to(torch.bfloat16)
+        for i, hi, n in zip(ch, h.to(encoder.dtype).cpu(), mask.sum(1).tolist()):
+            out[todo[i]] = hi[:n].to(torch.bfloat16)
     return out
 
 # %% ../nbs/01c_prepare.ipynb #14f1be90
@@ -79,10 +84,11 @@ SHARD_FORMAT = 'pixeldiff-shards-1'
 def shard_schema():
     "The columns of a shard (an Arrow IPC stream, what `datasets` memory-maps)."
     import pyarrow as pa
-    return pa.schema([('key', pa.string()), ('image', pa.binary()), ('bucket', pa.int16()), ('height', pa.int16()),
-                      ('width', pa.int16()), ('u', pa.float64()), ('captions', pa.list_(pa.string())),
-                      ('weights', pa.list_(pa.float32())), ('states', pa.list_(pa.binary())),
-                      ('n_tokens', pa.list_(pa.int16()))])
+    i16, lst = pa.int16(), pa.list_
+    return pa.schema([('key', pa.string()), ('image', pa.binary()), ('bucket', i16),
+                      ('height', i16), ('width', i16), ('u', pa.float64()),
+                      ('captions', lst(pa.string())), ('weights', lst(pa.float32())),
+                      ('states', lst(pa.binary())), ('n_tokens', lst(i16))])
 
 def _atomic_write(path: Path, write):
     "Call write(tmp_path), then rename tmp to `path` (a reader never sees half a file)."
@@ -96,52 +102,61 @@ def write_shard(path: Path, rows: dict):
     import pyarrow as pa
     table = pa.Table.from_pydict(rows, schema=shard_schema())
     def w(tmp):
-        with pa.OSFile(str(tmp), 'wb') as sink, pa.ipc.new_stream(sink, table.schema) as wr: wr.write_table(table, 256)
+        with pa.OSFile(str(tmp), 'wb') as sink, pa.ipc.new_stream(sink, table.schema) as wr:
+            wr.write_table(table, 256)
     _atomic_write(path, w)
 
 def unit_hash(key: str) -> float:
-    "A number in [0, 1) fixed by the record's key: the held-out split does not depend on shard layout."
+    "A number in [0, 1) fixed by the record's key: the held-out split ignores the shard layout."
     return int(hashlib.sha1(key.encode()).hexdigest()[:12], 16) / 16**12
 
 # %% ../nbs/01c_prepare.ipynb #751369b0
 def shard_header(encoder, size: int, patch: int, fmt: str, quality: int) -> dict:
-    "What every shard of one folder must agree on: format, base size, buckets, encoder, image encoding."
-    return dict(format=SHARD_FORMAT, size=size, patch=patch, buckets=[list(b) for b in bucket_sizes(size, patch)],
-                encoder=encoder.id, dim=encoder.dim, max_length=encoder.max_length, image_format=fmt,
+    "What every shard of a folder agrees on: format, base size, buckets, encoder, image codec."
+    return dict(format=SHARD_FORMAT, size=size, patch=patch,
+                buckets=[list(b) for b in bucket_sizes(size, patch)], encoder=encoder.id,
+                dim=encoder.dim, max_length=encoder.max_length, image_format=fmt,
                 quality=quality if fmt == 'jpeg' else None)
 
-_KEYS = ('format', 'size', 'patch', 'buckets', 'encoder', 'dim', 'max_length', 'image_format', 'quality')
+_KEYS = ('format', 'size', 'patch', 'buckets', 'encoder', 'dim', 'max_length', 'image_format',
+         'quality')
 
 def check_header(folder: Path, header: dict) -> dict:
-    "Write `folder`/prepare.json (and empty-prompt states) or refuse a folder prepared with other settings."
+    "Write `folder`/prepare.json, or refuse a folder prepared with other settings (one line)."
     f = Path(folder)/'prepare.json'
     if f.exists():
         old = json.loads(f.read_text())
         diff = [k for k in _KEYS if old.get(k) != header.get(k)]
         if diff:
-            raise ValueError(f"{folder} holds shards of {old.get('encoder')} at {old.get('size')} px "
-                             f"({', '.join(f'{k}={old.get(k)}' for k in diff)}), not {header['encoder']} at "
-                             f"{header['size']} px: write to another folder")
+            what = ', '.join(f'{k}={old.get(k)}' for k in diff)
+            raise ValueError(f"{folder} holds shards of {old.get('encoder')} at {old.get('size')} "
+                             f"px ({what}), not {header['encoder']} at {header['size']} px: "
+                             f"write to another folder")
     else: _atomic_write(f, lambda tmp: tmp.write_text(json.dumps(header, indent=1)))
     return header
 
 # %% ../nbs/01c_prepare.ipynb #be575ad6
-def prepare_shard(rows: list[dict], encoder, buckets, min_side: int, fmt: str, quality: int, pool=None) -> tuple:
-    "Rows {key, image, captions, weights} -> (shard columns, DataReport): images resized and encoded, captions encoded."
+def prepare_shard(rows: list[dict], encoder, buckets, min_side: int, fmt: str, quality: int,
+                  pool=None) -> tuple:
+    "Rows {key, image, captions, weights} -> (shard columns, DataReport): all encoded."
     rep, cols = DataReport(), {k: [] for k in shard_schema().names}
     jobs = [(r['image'], buckets, min_side, fmt, quality, r['key']) for r in rows]
     res = pool.map(_record_job, jobs, chunksize=8) if pool is not None else map(_record_job, jobs)
     done = []
     for r, (out, rrep) in zip(rows, res):
-        rep.merge(rrep); rep.seen += 1
+        rep.merge(rrep)
+        rep.seen += 1
         if out is None: continue
-        if not r['captions']: rep.skip('empty_caption', r['key']); continue
+        if not r['captions']:
+            rep.skip('empty_caption', r['key'])
+            continue
         done.append((r, out))
     states = encode_captions(encoder, [c for r, _ in done for c in r['captions']])
     for r, (b, H, W, data) in done:
         caps = r['captions']
-        vals = dict(key=r['key'], image=data, bucket=b, height=H, width=W, u=unit_hash(r['key']), captions=caps,
-                    weights=r['weights'], states=[bf16_bytes(states[c]) for c in caps],
+        vals = dict(key=r['key'], image=data, bucket=b, height=H, width=W, u=unit_hash(r['key']),
+                    captions=caps, weights=r['weights'],
+                    states=[bf16_bytes(states[c]) for c in caps],
                     n_tokens=[len(states[c]) for c in caps])
         for k, v in vals.items(): cols[k].append(v)
     rep.used = len(done)
@@ -151,33 +166,41 @@ def prepare_shard(rows: list[dict], encoder, buckets, min_side: int, fmt: str, q
 def _slug(source) -> str:
     "A short file-name-safe tag for a source (shard names start with it)."
     s = 'data_samples' if source is None else str(source).rstrip('/').split('/')[-1] or 'data'
-    return re.sub(r'[^A-Za-z0-9_.-]+', '_', s)[:40] + '-' + hashlib.sha1(str(source).encode()).hexdigest()[:6]
+    h = hashlib.sha1(str(source).encode()).hexdigest()[:6]
+    return re.sub(r'[^A-Za-z0-9_.-]+', '_', s)[:40] + '-' + h
 
 def record_rows(data, rows) -> list[dict]:
-    "Records of an ImageTextData as {key, image, captions, weights}: every caption kept (a list column gives each item)."
+    "Records of an ImageTextData as {key, image, captions, weights}: every caption kept."
     from pixeldiff_nb.data import _record_key
     out = []
     for row in rows:
         caps, ws = [], []
         for c, w in zip(data.caption_columns, data.caption_weights):
             v = row.get(c)
-            items = [x.strip() for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, str) and x.strip()]
-            caps += items; ws += [w / max(len(items), 1)] * len(items)
+            vs = v if isinstance(v, (list, tuple)) else [v]          # a list column gives each item
+            items = [x.strip() for x in vs if isinstance(x, str) and x.strip()]
+            caps += items
+            ws += [w / max(len(items), 1)] * len(items)
         out.append(dict(key=_record_key(row, data.image_column), image=row[data.image_column],
                         captions=caps if sum(ws) > 0 else [], weights=ws))
     return out
 
 def _shard_jobs(data, shard_size: int, rank: int, world: int):
-    "This rank's (shard index, rows) in order: shard k of a map-style source holds rows [k·n, (k+1)·n), rank k mod world."
+    "This rank's (shard index, rows): shard k (map-style: rows [k·n, (k+1)·n)) is rank k mod W's."
     if not data.streaming:
-        n = -(-len(data) // shard_size)
-        for k in range(rank, n, world): yield k, lambda k=k: data.ds.select(range(k*shard_size, min(len(data), (k+1)*shard_size)))
+        N = len(data)
+        for k in range(rank, -(-N // shard_size), world):
+            yield k, lambda k=k: data.ds.select(range(k*shard_size, min(N, (k+1)*shard_size)))
         return
-    from datasets.distributed import split_dataset_by_node   # a stream: this rank's records, cut into shards in order
+    # a stream: this rank's records, cut into shards in order
+    from datasets.distributed import split_dataset_by_node
     buf, k = [], 0
-    for row in split_dataset_by_node(data.ds, rank=rank, world_size=world) if world > 1 else data.ds:
+    ds = split_dataset_by_node(data.ds, rank=rank, world_size=world) if world > 1 else data.ds
+    for row in ds:
         buf.append(row)
-        if len(buf) == shard_size: yield k * world + rank, lambda b=buf: b; buf, k = [], k + 1
+        if len(buf) == shard_size:
+            yield k * world + rank, lambda b=buf: b
+            buf, k = [], k + 1
     if buf: yield k * world + rank, lambda b=buf: b
 
 # %% ../nbs/01c_prepare.ipynb #7b8f5f1e
@@ -191,20 +214,24 @@ def _dist() -> tuple[int, int, object]:
     return 0, 1, get_device()
 
 def prepare(source=None, out='shards', size: int = 64, *, patch: int = 32, text_encoder='minilm',
-            text_max_length: int | None = None, text_dtype: str = 'fp32', fmt: str = 'jpeg', quality: int = 95,
-            shard_size: int = 512, workers: int = 0, rank: int | None = None, world_size: int | None = None,
-            min_side: int | None = None, verbose: bool = True, **load_kw) -> DataReport:
-    "Resize, encode and caption-encode `source` into shards under `out`/<size>px; this rank's share; finished shards skipped."
+            text_max_length: int | None = None, text_dtype: str = 'fp32', fmt: str = 'jpeg',
+            quality: int = 95, shard_size: int = 512, workers: int = 0, rank: int | None = None,
+            world_size: int | None = None, min_side: int | None = None, verbose: bool = True,
+            **load_kw) -> DataReport:
+    "Resize, encode and caption-encode this rank's share of `source` into `out`/<size>px shards."
     from pixeldiff_nb.text import TextEncoder
     r, w, device = _dist()
     rank, world = (r if rank is None else rank), (w if world_size is None else world_size)
     enc = text_encoder if hasattr(text_encoder, 'id') else TextEncoder(
         text_encoder, max_length=text_max_length, dtype=text_dtype, device=device)
-    folder = Path(out)/f'{size}px'; folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(out)/f'{size}px'
+    folder.mkdir(parents=True, exist_ok=True)
     check_header(folder, shard_header(enc, size, patch, fmt, quality))
-    if not (folder/'empty.safetensors').exists():        # what dropped captions become, at true length too
+    # what dropped captions become, at true length too
+    if not (folder/'empty.safetensors').exists():
         from safetensors.torch import save_file
-        _atomic_write(folder/'empty.safetensors', lambda t: save_file({'states': encode_captions(enc, [''])['']}, str(t)))
+        empty = {'states': encode_captions(enc, [''])['']}
+        _atomic_write(folder/'empty.safetensors', lambda t: save_file(empty, str(t)))
     data = load_image_text(source, **load_kw)
     buckets, tag = bucket_sizes(size, patch), _slug(source)
     min_side = size // 4 if min_side is None else min_side
@@ -216,18 +243,26 @@ def prepare(source=None, out='shards', size: int = 64, *, patch: int = 32, text_
     try:
         for k, get_rows in _shard_jobs(data, shard_size, rank, world):
             meta_f = folder/f'{tag}-{k:05d}.json'
-            if meta_f.exists(): total.merge(_report(json.loads(meta_f.read_text()))); continue   # finished earlier
-            cols, rep = prepare_shard(record_rows(data, get_rows()), enc, buckets, min_side, fmt, quality, pool)
+            if meta_f.exists():                                     # finished earlier
+                total.merge(_report(json.loads(meta_f.read_text())))
+                continue
+            rows = record_rows(data, get_rows())
+            cols, rep = prepare_shard(rows, enc, buckets, min_side, fmt, quality, pool)
             write_shard(folder/f'{tag}-{k:05d}.arrow', cols)
-            meta = dict(shard=f'{tag}-{k:05d}.arrow', source=str(source), rows=len(cols['key']), size=size,
-                        encoder=enc.id, buckets=np.bincount(cols['bucket'], minlength=len(buckets)).tolist(),
-                        seen=rep.seen, used=rep.used, skipped=dict(rep.skipped), examples=rep.examples)
-            _atomic_write(meta_f, lambda t: t.write_text(json.dumps(meta)))   # written last: marks the shard finished
-            total.merge(rep); n_done += 1
+            counts = np.bincount(cols['bucket'], minlength=len(buckets)).tolist()
+            meta = dict(shard=f'{tag}-{k:05d}.arrow', source=str(source), rows=len(cols['key']),
+                        size=size, encoder=enc.id, buckets=counts, seen=rep.seen, used=rep.used,
+                        skipped=dict(rep.skipped), examples=rep.examples)
+            # written last: marks the shard finished
+            _atomic_write(meta_f, lambda t: t.write_text(json.dumps(meta)))
+            total.merge(rep)
+            n_done += 1
     finally:
-        if pool is not None: pool.close(); pool.join()
-    if verbose: print(f'prepare rank {rank}/{world}: {n_done} shards written to {folder} in {time.time() - t0:.1f} s; '
-                      f'{total.summary()}', flush=True)
+        if pool is not None:
+            pool.close()
+            pool.join()
+    if verbose: print(f'prepare rank {rank}/{world}: {n_done} shards written to {folder} in '
+                      f'{time.time() - t0:.1f} s; {total.summary()}', flush=True)
     return total
 
 def _report(meta: dict) -> DataReport:
@@ -240,39 +275,45 @@ def _report(meta: dict) -> DataReport:
 SHARDS_PREFIX = 'shards:'
 
 def shards_root(cfg) -> Path | None:
-    "The shards folder of a run config (`data.source='shards:DIR'`), or None when it reads raw data."
+    "The shards folder of a run config (`data.source='shards:DIR'`), or None (raw data)."
     s = cfg.data.source
-    return Path(s[len(SHARDS_PREFIX):]).expanduser() if isinstance(s, str) and s.startswith(SHARDS_PREFIX) else None
+    if not (isinstance(s, str) and s.startswith(SHARDS_PREFIX)): return None
+    return Path(s[len(SHARDS_PREFIX):]).expanduser()
 
 def prepare_jobs(cfg) -> list[dict]:
-    "The prepare() calls a run config needs: each raw source of `data.sources` (or the bundled set) at each stage size."
+    "The prepare() calls of a config: each of `data.sources` (or the bundled set), each stage size."
     root = shards_root(cfg)
-    if root is None: raise ValueError(f"preset {cfg.preset} does not read shards: pass data.source=shards:DIR")
+    if root is None:
+        raise ValueError(f"preset {cfg.preset} does not read shards: pass data.source=shards:DIR")
     cc = cfg.data.caption_columns
+    weights = list(cc.values()) if isinstance(cc, dict) else None
     raw = cfg.data.sources or [dict(source=None, caption_columns=list(cc) if cc else None,
-                                    caption_weights=list(cc.values()) if isinstance(cc, dict) else None)]
+                                    caption_weights=weights)]
     common = dict(out=str(root), patch=cfg.model.patch, text_encoder=cfg.data.text_encoder,
                   text_max_length=cfg.data.text_max_length, text_dtype=cfg.data.text_dtype)
     jobs = []
-    for size in dict.fromkeys(s.image_size for s in cfg.stages):   # one copy per stage size (see the measurement)
+    # one copy per stage size (see the measurement)
+    for size in dict.fromkeys(s.image_size for s in cfg.stages):
         for s in raw:
             s = dict(s) if isinstance(s, dict) else {'source': s}
-            s.pop('weight', None)                                  # the shards hold every record once
+            # the shards hold every record once
+            s.pop('weight', None)
             jobs.append({**common, **s, 'size': size})
     return jobs
 
 # %% ../nbs/01c_prepare.ipynb #3341a649
 def prepare_cli(argv=None) -> int:
-    "pixeldiff-prepare: write prepared shards for a preset's stages, or for given sources at given sizes."
+    "pixeldiff-prepare: prepared shards for a preset's stages, or for given sources at given sizes."
     import argparse
-    p = argparse.ArgumentParser(prog='pixeldiff-prepare', description='Resize images to their buckets and encode captions '
-                                'once, into shards a run reads with data.source=shards:DIR.')
-    p.add_argument('sources', nargs='*', help="sources (folder, hub id, 'shapes'; none: the bundled set), or with "
-                   "--preset: key=value overrides")
-    p.add_argument('--preset', default=None, help='prepare what this preset reads (its data.source=shards:DIR, sources, '
-                   'stage sizes and text encoder)')
+    p = argparse.ArgumentParser(prog='pixeldiff-prepare', description='Resize images to their '
+                                'buckets and encode captions once, into shards a run reads with '
+                                'data.source=shards:DIR.')
+    p.add_argument('sources', nargs='*', help="sources (folder, hub id, 'shapes'; none: the "
+                   "bundled set), or with --preset: key=value overrides")
+    p.add_argument('--preset', default=None, help='prepare what this preset reads (data.source='
+                   'shards:DIR, data.sources, stage sizes, text encoder)')
     p.add_argument('--out', default=None, help='shards folder (sizes go to OUT/<size>px)')
-    p.add_argument('--size', type=int, action='append', help='bucket base size (repeat for several stages)')
+    p.add_argument('--size', type=int, action='append', help='bucket base size (repeat for stages)')
     p.add_argument('--patch', type=int, default=32)
     p.add_argument('--text-encoder', default='minilm')
     p.add_argument('--text-max-length', type=int, default=None)
@@ -288,18 +329,24 @@ def prepare_cli(argv=None) -> int:
             from pixeldiff_nb.config import get_preset
             jobs = prepare_jobs(get_preset(a.preset, a.sources))
         else:
-            if not a.out or not a.size: raise ValueError('give --out DIR and --size N (or --preset NAME)')
-            kw = dict(out=a.out, patch=a.patch, text_encoder=a.text_encoder, text_max_length=a.text_max_length,
-                      text_dtype=a.text_dtype)
+            if not a.out or not a.size:
+                raise ValueError('give --out DIR and --size N (or --preset NAME)')
+            kw = dict(out=a.out, patch=a.patch, text_encoder=a.text_encoder,
+                      text_max_length=a.text_max_length, text_dtype=a.text_dtype)
             jobs = [{**kw, 'source': None if s in (None, 'bundled') else s, 'size': n,
-                     **({'n': a.n} if s == 'shapes' and a.n else {})} for n in a.size for s in (a.sources or [None])]
+                     **({'n': a.n} if s == 'shapes' and a.n else {})}
+                    for n in a.size for s in (a.sources or [None])]
         total = DataReport()
-        for j in jobs: total.merge(prepare(**j, fmt=a.format, quality=a.quality, shard_size=a.shard_size,
-                                           workers=a.workers))
+        for j in jobs:
+            total.merge(prepare(**j, fmt=a.format, quality=a.quality, shard_size=a.shard_size,
+                                workers=a.workers))
     except (ValueError, FileNotFoundError) as e:
-        print(f'pixeldiff-prepare: error: {e}', file=sys.stderr); return 2
+        print(f'pixeldiff-prepare: error: {e}', file=sys.stderr)
+        return 2
     print(f'pixeldiff-prepare: {total.summary()}')
     return 0
 
-if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'pixeldiff_nb.prepare':
-    sys.exit(prepare_cli())   # `accelerate launch -m pixeldiff_nb.prepare ...`: each rank prepares its shards
+_MAIN = getattr(globals().get('__spec__'), 'name', None) == 'pixeldiff_nb.prepare'
+if __name__ == '__main__' and _MAIN:
+    # `accelerate launch -m pixeldiff_nb.prepare ...`: each rank prepares its shards
+    sys.exit(prepare_cli())

@@ -115,7 +115,7 @@ class Run:
                                    device=self.device)
         cfg.model.text_dim = self.encoder.dim                       # the recipe sets context_in_dim from the text tower
         # data: held-out split for validation
-        self.shards = shards_root(cfg)                              # data.source='shards:DIR': prepared shards (01c_prepare)
+        self.shards = shards_root(cfg)          # data.source='shards:DIR' (01c_prepare)
         cc, self.train_data, self.val_data = cfg.data.caption_columns, None, None
         if self.shards is None:
             data = (mix_image_text(cfg.data.sources, seed=cfg.seed, streaming=cfg.data.streaming) if cfg.data.sources else
@@ -126,8 +126,9 @@ class Run:
         if self.acc.is_main_process and not cfg.data.streaming and self.shards is None:
             TextCache(cache_root, self.encoder).precompute(all_captions(data))
         self.acc.wait_for_everyone()
-        self.text = TextCache(cache_root, self.encoder)             # sample prompts; shards carry the captions' states
-        self.null_txt, self.null_mask = self.text.empty() if self.shards is None else check_run_shards(cfg, self.encoder)
+        self.text = TextCache(cache_root, self.encoder)        # shards carry their captions' states
+        if self.shards is None: self.null_txt, self.null_mask = self.text.empty()
+        else: self.null_txt, self.null_mask = check_run_shards(cfg, self.encoder)
         self.null_txt = self.null_txt.float()
         # model, REPA projector, EMA, optimizer, schedule
         net = PRXDenoiser(cfg.model)
@@ -166,18 +167,21 @@ class Run:
     def loader(self, k: int) -> BucketLoader:
         "This process's bucketed loader for stage k."
         st = self.cfg.stages[k]
-        if self.shards is not None:                                 # prepared shards: workers decode, states precomputed
-            return ShardLoader(shard_folder(self.shards, st.image_size), self.micro_batch(st), seed=self.cfg.seed + k,
-                               rank=self.rank, world_size=self.acc.num_processes, split='train',
-                               val_fraction=self.cfg.data.val_fraction, num_workers=self.cfg.data.num_workers,
-                               device=self.device)
+        if self.shards is not None:             # prepared shards: workers decode, states stored
+            return ShardLoader(shard_folder(self.shards, st.image_size), self.micro_batch(st),
+                               seed=self.cfg.seed + k, rank=self.rank,
+                               world_size=self.acc.num_processes, split='train',
+                               val_fraction=self.cfg.data.val_fraction,
+                               num_workers=self.cfg.data.num_workers, device=self.device)
         return BucketLoader(self.train_data, st.image_size, self.cfg.model.patch, self.micro_batch(st), seed=self.cfg.seed + k,
                             rank=self.rank, world_size=self.acc.num_processes, num_workers=self.cfg.data.num_workers)
 
     def batches(self, loader: BucketLoader):
         "Endless batches with caption encodings (from the cache; encoded on the fly when streaming), on this process's device."
         for b in loader.iter_forever():
-            if self.shards is not None: yield {k: b[k] for k in ('pixels', 'txt', 'mask', 'captions')}; continue   # no text encoding
+            if self.shards is not None:                # states from the shards: no text encoding
+                yield {k: b[k] for k in ('pixels', 'txt', 'mask', 'captions')}
+                continue
             if self.cfg.data.streaming: txt, mask = self.encoder.encode(b['captions'])   # a stream: a cache would grow without end
             else: txt, mask = self.text.get(b['captions'], self.device)
             yield {'pixels': b['pixels'].to(self.device, non_blocking=True), 'txt': txt.to(self.device).float(),
@@ -187,9 +191,11 @@ class Run:
         "A fixed list of held-out batches at stage k's resolution."
         st = self.cfg.stages[k]
         if self.shards is not None:
-            ld = ShardLoader(shard_folder(self.shards, st.image_size), min(self.micro_batch(st), 32), split='val', shuffle=False,
+            folder = shard_folder(self.shards, st.image_size)
+            ld = ShardLoader(folder, min(self.micro_batch(st), 32), split='val', shuffle=False,
                              val_fraction=self.cfg.data.val_fraction, drop_last=False, device=self.device)
-            return [{k: b[k] for k in ('pixels', 'txt', 'mask')} for b, _ in zip(ld, range(self.cfg.val_batches))]
+            keep = ('pixels', 'txt', 'mask')
+            return [{k: b[k] for k in keep} for b, _ in zip(ld, range(self.cfg.val_batches))]
         if self.val_data is None or len(self.val_data) == 0: return []
         ld = BucketLoader(self.val_data, st.image_size, self.cfg.model.patch, min(self.micro_batch(st), 32), seed=0,
                           shuffle=False, drop_last=False)

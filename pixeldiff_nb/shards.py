@@ -21,25 +21,31 @@ __all__ = ['open_shards', 'empty_states', 'pad_states', 'plan_batches', 'decode_
 def _is_url(p) -> bool: return '://' in str(p)
 
 def open_shards(folder, storage_options: dict | None = None):
-    "(header, memory-mapped `datasets.Dataset` of every shard, DataReport) of a prepared folder, local or an fsspec URL."
+    "(header, memory-mapped `datasets.Dataset` of all shards, DataReport) of a folder or URL."
     import datasets, fsspec
     fs, root = fsspec.core.url_to_fs(str(folder), **(storage_options or {}))
     if not fs.exists(f'{root}/prepare.json'):
         raise FileNotFoundError(f'no prepared shards in {folder}: run pixeldiff-prepare first')
     header = json.loads(fs.cat(f'{root}/prepare.json'))
-    metas = [json.loads(fs.cat(f)) for f in sorted(fs.glob(f'{root}/*.json')) if not f.endswith('prepare.json')]
-    if not metas: raise FileNotFoundError(f'{folder} has no finished shard: run pixeldiff-prepare first')
-    bad = [m['shard'] for m in metas if (m['encoder'], m['size']) != (header['encoder'], header['size'])]
-    if bad: raise ValueError(f"{folder}: shard {bad[0]} was not made with {header['encoder']} at {header['size']} px: "
-                             f"remove it or prepare into another folder")
+    names = [f for f in sorted(fs.glob(f'{root}/*.json')) if not f.endswith('prepare.json')]
+    metas = [json.loads(fs.cat(f)) for f in names]
+    if not metas:
+        raise FileNotFoundError(f'{folder} has no finished shard: run pixeldiff-prepare first')
+    mine = (header['encoder'], header['size'])
+    bad = [m['shard'] for m in metas if (m['encoder'], m['size']) != mine]
+    if bad:
+        raise ValueError(f"{folder}: shard {bad[0]} was not made with {mine[0]} at {mine[1]} px: "
+                         f"remove it or prepare into another folder")
     rep = DataReport()
     for m in metas: rep.merge(_report(m))
     files = [f"{root}/{m['shard']}" for m in metas]
     with _quiet():
-        if _is_url(folder):                            # an object store: fetched once into the datasets cache
-            ds = datasets.load_dataset('arrow', data_files=[fs.unstrip_protocol(f) for f in files], split='train',
+        if _is_url(folder):                       # an object store: fetched once into the cache
+            urls = [fs.unstrip_protocol(f) for f in files]
+            ds = datasets.load_dataset('arrow', data_files=urls, split='train',
                                        storage_options=storage_options)
-        else: ds = datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])   # zero copy
+        else:                                     # local: memory-mapped, zero copy
+            ds = datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
     return header, ds, rep
 
 def _quiet():
@@ -50,21 +56,23 @@ def empty_states(folder, storage_options: dict | None = None) -> torch.Tensor:
     "The empty prompt's states (n_tokens, D) in bf16, as prepared with the shards."
     import fsspec
     from safetensors.torch import load
-    with fsspec.open(f'{folder}/empty.safetensors', 'rb', **(storage_options or {})) as f: return load(f.read())['states']
+    with fsspec.open(f'{folder}/empty.safetensors', 'rb', **(storage_options or {})) as f:
+        return load(f.read())['states']
 
 def pad_states(states: list[torch.Tensor], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "States at true length -> (B, max_length, D) zero-padded and the mask (B, max_length), as the text tower gives them."
+    "States at true length -> (B, max_length, D) zero-padded and the mask (B, max_length)."
     out = torch.zeros(len(states), max_length, states[0].shape[-1], dtype=states[0].dtype)
     lens = torch.tensor([len(s) for s in states])
     for i, s in enumerate(states): out[i, :len(s)] = s
     return out, torch.arange(max_length) < lens[:, None]
 
 # %% ../nbs/01d_shards.ipynb #7a773d7b
-def plan_batches(bucket_of: np.ndarray, n_buckets: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, drop_last: bool = True) -> list:
-    "One rank's batches of an epoch as (bucket, row indices): rows shuffled per (seed, epoch), one bucket a batch (-1: unused)."
+def plan_batches(bucket_of: np.ndarray, n_buckets: int, batch_size: int, seed: int, epoch: int,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 drop_last: bool = True) -> list:
+    "One rank's (bucket, rows) batches of an epoch: rows shuffled by (seed, epoch), a bucket each."
     rng = np.random.default_rng([seed, epoch])
-    rows = np.flatnonzero(bucket_of >= 0)
+    rows = np.flatnonzero(bucket_of >= 0)                    # bucket -1: not in this split
     if shuffle: rows = rng.permutation(rows)
     batches = []
     for b in range(n_buckets):
@@ -72,21 +80,22 @@ def plan_batches(bucket_of: np.ndarray, n_buckets: int, batch_size: int, seed: i
         batches += [(b, m[s:s + batch_size].tolist()) for s in range(0, len(m), batch_size)
                     if not drop_last or s + batch_size <= len(m)]
     if shuffle: batches = [batches[k] for k in rng.permutation(len(batches))]
-    if drop_last: batches = batches[:len(batches) // world_size * world_size]   # the same count on every rank
+    if drop_last: batches = batches[:len(batches) // world_size * world_size]   # same count a rank
     return batches[rank::world_size]
 
-# %% ../nbs/01d_shards.ipynb #f3935724
-warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision',
-                        category=DeprecationWarning)   # torchvision.io still decodes (nvJPEG too); torchcodec replaces it later
+# %% ../nbs/01d_shards.ipynb #1fb2eccf
+# torchvision.io still decodes (nvJPEG too) but warns that torchcodec will take over
+warnings.filterwarnings('ignore', category=DeprecationWarning,
+                        message='The image decoding and encoding capabilities of TorchVision')
 
 def decode_images(blobs: list[bytes]) -> torch.Tensor:
-    "Encoded images (JPEG or PNG) of one bucket -> uint8 (B, 3, H, W), decoded by torchvision (libjpeg-turbo / libpng)."
+    "Encoded images (JPEG or PNG) of one bucket -> uint8 (B, 3, H, W), decoded by torchvision."
     from torchvision.io import decode_image, ImageReadMode
-    return torch.stack([decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
-                        for b in blobs])
+    as_u8 = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)
+    return torch.stack([decode_image(as_u8(b), mode=ImageReadMode.RGB) for b in blobs])
 
 def decode_images_gpu(blobs: list[torch.Tensor], device) -> torch.Tensor:
-    "JPEG bytes (uint8 tensors) of one bucket -> uint8 (B, 3, H, W) on `device`, batch-decoded by nvJPEG."
+    "JPEG bytes (uint8 tensors) of one bucket -> uint8 (B, 3, H, W) on `device`, decoded by nvJPEG."
     from torchvision.io import decode_jpeg, ImageReadMode
     return torch.stack(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device))
 
@@ -96,91 +105,109 @@ def to_unit(u8: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/01d_shards.ipynb #e1242692
 class _Planned(torch.utils.data.Dataset):
-    "The planned batches of one epoch as a map-style dataset: DataLoader workers decode and collate one each."
-    def __init__(self, loader, epoch, batches): self.loader, self.epoch, self.batches = loader, epoch, batches
+    "The planned batches of one epoch as a map-style dataset: a DataLoader worker loads one each."
+    def __init__(self, loader, epoch, batches):
+        self.loader, self.epoch, self.batches = loader, epoch, batches
     def __len__(self): return len(self.batches)
     def __getitem__(self, k): return self.loader._load(self.epoch, *self.batches[k])
 
 def _identity(x): return x
 
 class ShardLoader:
-    "Whole-bucket batches of prepared shards (images + caption states): deterministic, sharded over ranks, resumable."
-    def __init__(self, folder, batch_size: int = 8, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 split: str = 'all', val_fraction: float = 0.0, shuffle: bool = True, drop_last: bool = True,
-                 num_workers: int = 0, prefetch: int = 2, device=None, gpu_decode: bool = False, uint8: bool = False,
+    "Whole-bucket batches of prepared shards: deterministic, sharded over ranks, resumable exactly."
+    def __init__(self, folder, batch_size: int = 8, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, split: str = 'all', val_fraction: float = 0.0,
+                 shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
+                 prefetch: int = 2, device=None, gpu_decode: bool = False, uint8: bool = False,
                  storage_options: dict | None = None):
-        # uint8: batches keep pixels as uint8 (4x fewer bytes between processes; convert where they are used)
-        if not 0 <= rank < world_size: raise ValueError(f'rank {rank} must be in [0, world_size={world_size})')
+        # split: 'all', 'train' or 'val' (rows whose key hash u < val_fraction); uint8: keep pixels
+        # uint8 (4× fewer bytes between processes; convert where they are used)
+        if not 0 <= rank < world_size:
+            raise ValueError(f'rank {rank} must be in [0, world_size={world_size})')
         self.device = torch.device(device or 'cpu')
         if gpu_decode and self.device.type != 'cuda':
-            raise ValueError('gpu_decode=True needs device=cuda: decode on the CPU workers with gpu_decode=False')
-        self.folder, self.header = str(folder), None
+            raise ValueError('gpu_decode=True needs device=cuda: on a CPU decode in the workers '
+                             '(gpu_decode=False)')
+        self.folder = str(folder)
         self.header, self.ds, self.report = open_shards(folder, storage_options)
         if gpu_decode and self.header['image_format'] != 'jpeg':
-            raise ValueError(f"gpu_decode needs JPEG shards; {folder} holds {self.header['image_format']}")
+            raise ValueError(f"gpu_decode needs JPEG shards; {folder} holds "
+                             f"{self.header['image_format']}")
         self.buckets = [tuple(b) for b in self.header['buckets']]
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.shuffle, self.drop_last, self.num_workers, self.prefetch = shuffle, drop_last, num_workers, prefetch
-        self.gpu_decode, self.uint8, self.dim, self.max_length = gpu_decode, uint8, self.header['dim'], self.header['max_length']
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.num_workers, self.prefetch = num_workers, prefetch
+        self.gpu_decode, self.uint8 = gpu_decode, uint8
+        self.dim, self.max_length = self.header['dim'], self.header['max_length']
         u, b = (self.ds.data.column(c).to_numpy() for c in ('u', 'bucket'))
-        keep = {'all': np.ones_like(u, bool), 'train': u >= val_fraction, 'val': u < val_fraction}[split]
-        self._bucket_of = np.where(keep, b, -1).astype(np.int64)   # the planner's input: one bucket index a row
-        self.null_txt, self.null_mask = pad_states([empty_states(folder, storage_options)], self.max_length)
-        self.epoch, self.batch, self._plan = 0, 0, (None, None)   # position: the next batch to yield
+        keep = {'all': u >= 0, 'train': u >= val_fraction, 'val': u < val_fraction}[split]
+        self._bucket_of = np.where(keep, b, -1).astype(np.int64)  # the plan's input: a bucket a row
+        empty = empty_states(folder, storage_options)
+        self.null_txt, self.null_mask = pad_states([empty], self.max_length)
+        self.epoch, self.batch, self._plan = 0, 0, (None, None)   # position: the next batch
 
     def epoch_batches(self, epoch: int | None = None) -> list:
         "This rank's batches of `epoch` (default: the current one) as (bucket index, row indices)."
         e = self.epoch if epoch is None else epoch
-        if self._plan[0] != e: self._plan = (e, plan_batches(self._bucket_of, len(self.buckets), self.batch_size, self.seed,
-                                                             e, self.rank, self.world_size, self.shuffle, self.drop_last))
+        if self._plan[0] != e:
+            self._plan = (e, plan_batches(self._bucket_of, len(self.buckets), self.batch_size,
+                                          self.seed, e, self.rank, self.world_size, self.shuffle,
+                                          self.drop_last))
         return self._plan[1]
 
     def __len__(self): return len(self.epoch_batches())
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
-        "The empty prompt's states (1, L, D) as float32 and mask (1, L): what caption dropout swaps in."
+        "The empty prompt's states (1, L, D), float32, and mask (1, L): what caption dropout uses."
         return self.null_txt.float(), self.null_mask
 
 # %% ../nbs/01d_shards.ipynb #59576929
 def _sl_load(self: ShardLoader, epoch: int, b: int, idx: list) -> dict:
-    "Read rows `idx` of bucket `b`, pick one caption each (seeded by seed, epoch, row), decode and collate (a worker's job)."
+    "Read rows `idx` of bucket `b`, draw a caption each (by seed, epoch, row), decode and collate."
     rows = self.ds[idx]
     caps, states = [], []
     for j, i in enumerate(idx):
         w = np.asarray(rows['weights'][j], dtype=float)
-        c = int(np.random.default_rng([self.seed, epoch, i]).choice(len(w), p=w / w.sum())) if len(w) > 1 else 0
-        caps.append(rows['captions'][j][c]); states.append(from_bf16_bytes(rows['states'][j][c], self.dim))
+        rng = np.random.default_rng([self.seed, epoch, i])
+        c = int(rng.choice(len(w), p=w / w.sum())) if len(w) > 1 else 0
+        caps.append(rows['captions'][j][c])
+        states.append(from_bf16_bytes(rows['states'][j][c], self.dim))
     txt, mask = pad_states(states, self.max_length)
-    out = {'txt': txt, 'mask': mask, 'captions': caps, 'bucket': self.buckets[b], 'epoch': epoch, 'index': list(idx)}
-    if self.gpu_decode: out['jpeg'] = [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in rows['image']]
-    elif self.device.type == 'cuda' or self.uint8: out['pixels_u8'] = decode_images(rows['image'])   # 4× fewer bytes
-    else: out['pixels'] = to_unit(decode_images(rows['image']))                  # CPU training: converted in the worker
+    out = {'txt': txt, 'mask': mask, 'captions': caps, 'bucket': self.buckets[b], 'epoch': epoch,
+           'index': list(idx)}
+    if self.gpu_decode:                                           # the CPU only reads the bytes
+        out['jpeg'] = [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in rows['image']]
+    elif self.device.type == 'cuda' or self.uint8:                # 4× fewer bytes to move
+        out['pixels_u8'] = decode_images(rows['image'])
+    else: out['pixels'] = to_unit(decode_images(rows['image']))  # CPU training: float in worker
     return out
 ShardLoader._load = _sl_load
 
 def _sl_finish(self: ShardLoader, out: dict) -> dict:
-    "A collated batch on the loader's device: pixels float in [-1, 1] (or uint8), text states float32."
+    "A collated batch on the loader's device: pixels float in [-1, 1] (or uint8), states float32."
     dev, nb = self.device, self.device.type == 'cuda'
     if 'jpeg' in out: out['pixels_u8'] = decode_images_gpu(out.pop('jpeg'), dev)
     if 'pixels_u8' in out:
         px = out.pop('pixels_u8').to(dev, non_blocking=nb)
         out['pixels'] = px if self.uint8 else to_unit(px)
-    out['txt'], out['mask'] = out['txt'].to(dev, non_blocking=nb).float(), out['mask'].to(dev, non_blocking=nb)
+    out['txt'] = out['txt'].to(dev, non_blocking=nb).float()
+    out['mask'] = out['mask'].to(dev, non_blocking=nb)
     return out
 ShardLoader._finish = _sl_finish
 
 # %% ../nbs/01d_shards.ipynb #dbd36741
 def _sl_iter(self: ShardLoader):
-    "Yield the remaining batches of the current epoch (workers decode ahead, pinned on CUDA), then advance the epoch."
+    "Yield the rest of the current epoch (workers decode ahead, pinned on CUDA), then advance."
     e = self.epoch
     todo = self.epoch_batches(e)[self.batch:]
     if self.num_workers > 0 and todo:
-        it = iter(torch.utils.data.DataLoader(_Planned(self, e, todo), batch_size=None, num_workers=self.num_workers,
-                                              collate_fn=_identity, pin_memory=self.device.type == 'cuda',
-                                              prefetch_factor=self.prefetch))
+        it = iter(torch.utils.data.DataLoader(
+            _Planned(self, e, todo), batch_size=None, num_workers=self.num_workers,
+            collate_fn=_identity, pin_memory=self.device.type == 'cuda',
+            prefetch_factor=self.prefetch))
     else: it = (self._load(e, b, idx) for b, idx in todo)
     for out in it:
-        self.batch += 1                          # counted before yielding: a checkpoint taken now resumes after it
+        self.batch += 1                   # counted before yielding: a checkpoint resumes after it
         yield self._finish(out)
     self.epoch, self.batch = e + 1, 0
 
@@ -188,26 +215,30 @@ def _sl_forever(self: ShardLoader):
     "Endless iteration over epochs (for training)."
     while True:
         n = 0
-        for batch in self: n += 1; yield batch
+        for batch in self:
+            n += 1
+            yield batch
         if n == 0 and self.batch == 0 and len(self) == 0:
-            raise ValueError(f'no batch in an epoch of {self.folder} ({self.report.summary()}): lower the batch size '
-                             f'({self.batch_size}) or prepare more data')
+            raise ValueError(f'no batch in an epoch of {self.folder} ({self.report.summary()}): '
+                             f'lower the batch size ({self.batch_size}) or prepare more data')
 
 _PLAN_KEYS = ('seed', 'world_size', 'batch_size', 'buckets', 'drop_last', 'num_rows', 'encoder')
 
 def _sl_state(self: ShardLoader) -> dict:
     "The exact position (epoch, next batch) and what defines the plan."
-    return dict(epoch=self.epoch, batch=self.batch, seed=self.seed, rank=self.rank, world_size=self.world_size,
-                batch_size=self.batch_size, buckets=[list(b) for b in self.buckets], drop_last=self.drop_last,
+    return dict(epoch=self.epoch, batch=self.batch, seed=self.seed, rank=self.rank,
+                world_size=self.world_size, batch_size=self.batch_size,
+                buckets=[list(b) for b in self.buckets], drop_last=self.drop_last,
                 num_rows=len(self.ds), encoder=self.header['encoder'])
 
 def _sl_load_state(self: ShardLoader, state: dict, strict: bool = True):
-    "Resume at `state`'s position; with `strict`, refuse a state whose plan differs (other shards, batch, seed...)."
+    "Resume at `state`'s position; with `strict`, refuse a state whose plan differs."
     mine = self.state_dict()
     diff = [k for k in _PLAN_KEYS if state.get(k) != mine[k]]
     if diff and strict:
-        raise ValueError(f'cannot resume exactly: {", ".join(f"{k} {state.get(k)} != {mine[k]}" for k in diff)} '
-                         f'(use the shards and settings of the saved run, or pass strict=False)')
+        what = ', '.join(f'{k} {state.get(k)} != {mine[k]}' for k in diff)
+        raise ValueError(f'cannot resume exactly: {what} (use the shards and settings of the saved '
+                         f'run, or pass strict=False)')
     self.epoch, self.batch = state['epoch'], state['batch']
 
 ShardLoader.__iter__, ShardLoader.iter_forever = _sl_iter, _sl_forever
@@ -219,17 +250,19 @@ def shard_folder(root, size: int) -> str:
     return f'{str(root).rstrip("/")}/{size}px'
 
 def check_run_shards(cfg, encoder) -> tuple[torch.Tensor, torch.Tensor]:
-    "Check that a run's shards exist for every stage and match its text tower; the empty prompt's (states, mask) as float32."
+    "Check a run's shards (each stage, its text tower); the empty prompt's (states, mask), float32."
     from pixeldiff_nb.prepare import shards_root
     root, null = shards_root(cfg), None
     for st in cfg.stages:
         f = shard_folder(root, st.image_size)
         try: h, _, _ = open_shards(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f'no shards at {f}: run `pixeldiff-prepare --preset {cfg.preset}` with the same overrides '
-                                    f'(or `accelerate launch -m pixeldiff_nb.prepare ...`)') from None
+            raise FileNotFoundError(f'no shards at {f}: run `pixeldiff-prepare --preset '
+                                    f'{cfg.preset}` with the same overrides (or `accelerate '
+                                    f'launch -m pixeldiff_nb.prepare ...`)') from None
         if h['encoder'] != encoder.id or h['patch'] != cfg.model.patch:
-            raise ValueError(f"{f} was prepared with {h['encoder']} (patch {h['patch']}); this run uses {encoder.id} "
-                             f"(patch {cfg.model.patch}): prepare again into another folder")
+            raise ValueError(f"{f} was prepared with {h['encoder']} (patch {h['patch']}); this run "
+                             f"uses {encoder.id} (patch {cfg.model.patch}): prepare again into "
+                             f"another folder")
         if null is None: null = pad_states([empty_states(f)], h['max_length'])
     return null[0].float(), null[1]
