@@ -208,7 +208,7 @@ def _dist() -> tuple[int, int, object]:
     "(rank, world size, device) under `accelerate launch` / torchrun, else (0, 1, default device)."
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
         from accelerate import PartialState
-        s = PartialState()
+        s = PartialState(cpu=not torch.cuda.is_available())     # CPU processes: gloo
         return s.process_index, s.num_processes, s.device
     from pixeldiff_nb.core import get_device
     return 0, 1, get_device()
