@@ -207,3 +207,20 @@ def test_generate_honours_noise_scale_and_tread_default():
     assert not torch.equal(auto, generate(net, text, ['a'], (16, 16), 3, 2.0, 'cfg', 2, tread=tr))
     dense = generate(net, text, ['a'], (16, 16), 3, 2.0, 'auto', 2, tread=TreadConfig(rate=0.0))
     assert torch.equal(dense, generate(net, text, ['a'], (16, 16), 3, 2.0, 'cfg', 2))
+
+
+def test_t5gemma_run_exports_its_encoder(tmp_path):
+    from pixeldiff_nb.text import tiny_text_model_dir
+    tdir = tiny_text_model_dir('t5gemma', tmp_path/'t5')
+    cfg = get_preset('cpu', MICRO + [f'data.text_encoder={tdir}', 'model.text_dim=32', 'data.text_max_length=16'])
+    net = _randomise(PRXDenoiser(cfg.model), std=0.05)
+    f = tmp_path/'w.safetensors'
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f,
+              metadata={'format': 'pixeldiff-weights-1', 'config': json.dumps(config_to_dict(cfg)), 'step': '1'})
+    pipe = PRXPixelPipeline.from_pretrained(export_pipeline(f, tmp_path/'pipe'))
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.text_encoder).__name__ == 'T5GemmaEncoderModel' and pipe.config.prompt_max_tokens == 16
+    enc = TextEncoder(str(tdir), max_length=16)
+    ours = generate(net, enc, ['red apple'], (32, 32), 3, 3.5, 'cfg', 0)
+    for text in (None, enc):                                                    # the pipeline's tokenizer, or our states
+        assert (pipeline_sample(pipe, ['red apple'], 3, 3.5, 3.0, text=text) - ours).abs().max() < 1e-4
