@@ -92,9 +92,9 @@ def drop_captions(txt: torch.Tensor, mask: torch.Tensor, null_txt: torch.Tensor,
     return txt, mask
 
 def cfg_denoiser(model: nn.Module, txt, mask, null_txt=None, null_mask=None, scale: float = 1.0, **kw) -> Callable:
-    "A `denoise(x_t, t)` for the sampler: x̂₀(∅) + scale·(x̂₀(c) − x̂₀(∅)), both passes in one batch; scale 1 = no guidance."
+    "A `denoise(x_t, t)` for the sampler: x̂₀(∅) + scale·(x̂₀(c) − x̂₀(∅)) in one batch; scale ≤ 1: x̂₀(c) alone."
     def denoise(x, t):
-        if scale == 1.0 or null_txt is None: return model(x, t, txt, mask, **kw)
+        if scale <= 1.0 or null_txt is None: return model(x, t, txt, mask, **kw)   # as PRX: no extrapolation
         B = x.shape[0]
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([txt, null_txt.expand(B, -1, -1)]),
                     torch.cat([mask, null_mask.expand(B, -1)]), **kw)

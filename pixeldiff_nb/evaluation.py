@@ -284,13 +284,14 @@ def reference_images(data, n: int | None = None, size: int | None = None) -> tup
 @torch.no_grad()
 def evaluate(net: nn.Module, text, prompts: list, *, real=None, encoder=None, val_batches: list | None = None,
              attrs: list | None = None,       # shapes attributes per prompt (parse_shapes_prompt): score prompt following
-             size=(64, 64), steps: int = 30, guidance: float = 3.5, mode: str = 'cfg', seed: int = 0,
-             batch_size: int = 32) -> dict:
+             size=(64, 64), steps: int = 50, guidance: float = 3.5, seed: int = 0, batch_size: int = 32,
+             mode: str = 'auto',              # 'auto': TREAD self-guidance for a routed run (`tread`), else CFG, as PRX
+             tread=None, noise_scale: float = 1.0) -> dict:
     "Generate images for `prompts`; return them with validation loss per t-bin, FD/MMD against `real`, prompt following."
     if attrs is not None and len(attrs) != len(prompts): raise ValueError(f"{len(prompts)} prompts but {len(attrs)} attrs.")
     if real is not None and encoder is None: raise ValueError("Distribution metrics need an encoder: pass encoder=VGGEncoder() or another.")
-    imgs = torch.cat([generate(net, text, list(prompts[i:i + batch_size]), size, steps, guidance, mode, seed + i).cpu()
-                      for i in range(0, len(prompts), batch_size)])
+    gen = lambda ps, s: generate(net, text, ps, size, steps, guidance, mode, s, tread=tread, noise_scale=noise_scale)
+    imgs = torch.cat([gen(list(prompts[i:i + batch_size]), seed + i).cpu() for i in range(0, len(prompts), batch_size)])
     out = {'images': imgs, 'prompts': list(prompts)}
     if val_batches: out['val'] = val_loss_bins(net, val_batches, seed=seed)
     if real is not None:

@@ -32,6 +32,7 @@ class ModelConfig:
     theta: float = 10000.0     # RoPE base
     time_dim: int = 256        # sinusoidal timestep embedding size
     in_ch: int = 3             # RGB
+    init_from: str | None = None  # start from a diffusers PRX transformer (folder); see 10e_diffusers
 
     def __post_init__(self):
         self.axes_dim = tuple(self.axes_dim)
@@ -57,10 +58,10 @@ def model_config(size: str = 'tiny', **overrides) -> ModelConfig:
 
 # %% ../nbs/04_model.ipynb #174b48fe
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0):
-    "Sinusoidal embedding (B, dim) of times t (B,) in [0, 1]: [cos(1000·t·ω_i), sin(1000·t·ω_i)], ω_i = period^(-i/half)."
+    "Sinusoidal fp32 embedding (B, dim) of times t (B,) in [0, 1]: [cos(1000·t·ω_i), sin(1000·t·ω_i)], ω_i = period^(-i/half)."
     half = dim // 2
     omega = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (t.float() * time_factor)[:, None] * omega[None]
+    args = t.float()[:, None] * omega[None] * time_factor   # (t·ω)·1000: the order diffusers rounds in
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 # %% ../nbs/04_model.ipynb #79e48205
@@ -180,9 +181,11 @@ class PRXDenoiser(nn.Module):
         if txt.shape[-1] != self.cfg.text_dim:
             raise ValueError(f"Text states have width {txt.shape[-1]} but the model expects text_dim={self.cfg.text_dim}: "
                              f"build the model with the text encoder's hidden size.")
-        x = self.img_in(patchify(x_t, p))                                   # (B, N, D)
-        vec_act = F.silu(self.time_in(timestep_embedding(t.expand(B) if t.ndim == 0 else t, self.cfg.time_dim)))
-        txt = self.txt_in(txt)                                              # (B, L, D)
+        dt = self.txt_in.weight.dtype                                       # inputs follow the weights (fp32 or bf16)
+        x = self.img_in(patchify(x_t, p).to(dt))                            # (B, N, D)
+        temb = timestep_embedding(t.expand(B) if t.ndim == 0 else t, self.cfg.time_dim)  # fp32 sinusoid
+        vec_act = F.silu(self.time_in(temb.to(dt)))
+        txt = self.txt_in(txt.to(dt))                                       # (B, L, D)
         txt_mask = txt_mask.bool()
         N = x.shape[1]
         cos, sin = self.rope(H // p, W // p, x.device)

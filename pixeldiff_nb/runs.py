@@ -132,6 +132,9 @@ class Run:
         self.null_txt = self.null_txt.float()
         # model, REPA projector, EMA, optimizer, schedule
         net = PRXDenoiser(cfg.model)
+        if cfg.model.init_from and not (resume and (resume != 'latest' or latest_checkpoint(self.out))):
+            from .diffusers_io import init_from_diffusers      # start from a diffusers PRX transformer (10e_diffusers)
+            init_from_diffusers(net, cfg.model.init_from)
         self.repa = build_repa(cfg.repa, cfg.model, device=self.device) if repa_on(cfg) else None
         module = TrainModule(net, self.repa.projector if self.repa is not None else None).to(self.device)
         self.ema = EMA(net, cfg.ema_decay, cfg.ema_every)
@@ -374,20 +377,26 @@ def sample_cli(argv=None):
     p.add_argument('checkpoint', help='exported .safetensors, checkpoint folder, or run folder (latest checkpoint)')
     p.add_argument('prompts', nargs='+')
     p.add_argument('--out', default='samples.png')
-    p.add_argument('--steps', type=int, default=50)
-    p.add_argument('--guidance', type=float, default=None, help='guidance scale (default: the run config)')
-    p.add_argument('--mode', choices=['cfg', 'self'], default='cfg', help='classifier-free or TREAD self-guidance')
+    p.add_argument('--steps', type=int, default=50, help='Euler steps on the shifted schedule (default 50, as PRX)')
+    p.add_argument('--guidance', type=float, default=None, help='guidance scale (default: the run config); <= 1: none')
+    p.add_argument('--mode', choices=['auto', 'cfg', 'self'], default='auto',
+                   help="classifier-free or TREAD self-guidance; auto (default): 'self' for a run trained with TREAD, else 'cfg'")
+    p.add_argument('--dtype', choices=['auto', 'fp32', 'bf16'], default='auto',
+                   help='denoiser weights, no autocast; auto (default): bf16 on a GPU, fp32 on the CPU')
     p.add_argument('--size', type=int, default=None, help='image side in pixels (default: the last stage)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--weights', choices=['ema', 'model'], default='ema')
     a = p.parse_args(argv)
     try:
         net, cfg = load_for_sampling(a.checkpoint, a.weights)
+        dev = next(net.parameters()).device
+        dtype = {'auto': 'bf16' if dev.type == 'cuda' else 'fp32'}.get(a.dtype, a.dtype)
+        net = net.to(torch.bfloat16 if dtype == 'bf16' else torch.float32)
         size = a.size or cfg.stages[-1].image_size
         if size % cfg.model.patch: raise ValueError(f"--size {size} is not divisible by the patch size {cfg.model.patch}.")
-        enc = TextEncoder(cfg.data.text_encoder, max_length=cfg.data.text_max_length, device=next(net.parameters()).device)
+        enc = TextEncoder(cfg.data.text_encoder, max_length=cfg.data.text_max_length, dtype=cfg.data.text_dtype, device=dev)
         imgs = generate(net, enc, a.prompts, (size, size), a.steps, cfg.diffusion.guidance if a.guidance is None else a.guidance,
-                        a.mode, a.seed, cfg.diffusion.shift, cfg.tread)
+                        a.mode, a.seed, cfg.diffusion.shift, cfg.tread, noise_scale=cfg.diffusion.noise_scale)
     except (ValueError, FileNotFoundError) as e: p.exit(2, f'pixeldiff-sample: error: {e}\n')
     out = save_images(imgs.cpu(), a.out, titles=a.prompts, ncols=min(len(a.prompts), 8))
     print(f'pixeldiff-sample: wrote {Path(out).resolve()}')

@@ -276,20 +276,23 @@ def _encode(text, prompts, device):
     return txt.to(device), mask.to(device)
 
 @torch.no_grad()
-def generate(net: nn.Module, text, prompts: list, size=(64, 64), steps: int = 30, guidance: float = 3.5,
-             mode: str = 'cfg', seed: int = 0, shift: float = 3.0, tread: TreadConfig | None = None, device=None):
+def generate(net: nn.Module, text, prompts: list, size=(64, 64), steps: int = 50, guidance: float = 3.5,
+             mode: str = 'auto', seed: int = 0, shift: float = 3.0, tread: TreadConfig | None = None, device=None,
+             noise_scale: float = 1.0):
     "Images (B, 3, H, W) in [-1, 1] for `prompts`: Euler sampling with classifier-free ('cfg') or TREAD self-guidance ('self')."
     device = device or next(net.parameters()).device
+    if mode == 'auto': mode = 'self' if tread is not None and tread.enabled and tread.rate > 0 else 'cfg'  # as trained
     was = net.training; net.eval()
     txt, mask = _encode(text, prompts, device)
-    noise = torch.randn(len(prompts), 3, *size, generator=torch.Generator().manual_seed(seed)).to(device)
+    g = torch.Generator().manual_seed(seed)                 # CPU noise: the same image on any device (and in diffusers)
+    noise = torch.randn(len(prompts), 3, *size, generator=g).to(device) * noise_scale   # ε ~ N(0, noise_scale²)
     if mode == 'cfg':
         null_txt, null_mask = _encode(text, [''], device)
         den = cfg_denoiser(net, txt, mask, null_txt, null_mask, scale=guidance)
     elif mode == 'self':
         tr = tread or TreadConfig()
         den = self_guidance_denoiser(net, txt, mask, scale=guidance, rate=tr.rate, start=tr.start, end=tr.end, seed=seed)
-    else: raise ValueError(f"Unknown guidance mode '{mode}': use 'cfg' or 'self'.")
+    else: raise ValueError(f"Unknown guidance mode '{mode}': use 'cfg', 'self' or 'auto'.")
     out = euler_sample(den, noise, steps=steps, shift=shift)
     net.train(was)
     return out
