@@ -128,7 +128,7 @@ def speedrun_config(spec: dict, out_dir: str, variant: str = 'baseline'):
     cfg.out_dir, cfg.seed = out_dir, 0
     cfg.data.sources, cfg.data.source, cfg.data.streaming = None, a['data'], False
     cfg.data.text_encoder, cfg.data.text_max_length = a['text'], sz['text_len']
-    cfg.data.text_cache, cfg.data.num_workers = str(Path(out_dir)/'text-cache'), 0 if spec['smoke'] else 8
+    cfg.data.text_cache, cfg.data.num_workers = str(Path(out_dir)/'text-cache'), 0 if spec['smoke'] else 12
     cfg.loss.dino_model, cfg.loss.dino_size = a['dino'], sz['dino_size']
     cfg.repa.teacher = a['teacher']
     if spec['smoke']:
