@@ -30,7 +30,7 @@ the text tower is a one-layer random encoder with T5Gemma-2B's width (2304) and 
 are the procedural shapes set at 512 px. The optimizer is the full Muon + Adam step on one process (on 32 GPUs
 each rank orthogonalises 1/32 of the matrices), reported as its own part.
 """
-import argparse, json, math, os, platform, shutil, subprocess, sys, tempfile, time, traceback
+import argparse, gc, json, math, os, platform, shutil, subprocess, sys, tempfile, time, traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -344,6 +344,8 @@ def phase_speedrun(spec: dict, res: dict, write):
             st['images_per_s'] = B / (st['step_ms_mean'] / 1e3)
             st['images_per_s_without_optimizer'] = B / ((st['step_ms_median'] - p['optimizer']) / 1e3)
             st['tokens_per_s'] = st['images_per_s'] * (stage.image_size // cfg.model.patch) ** 2
+            if res.get('matmul_tflops'):                      # against the measured bf16 matmul ceiling too
+                st['mfu_step_vs_matmul'] = sum(f.values()) * st['images_per_s'] / (res['matmul_tflops'] * 1e12)
             if peak:
                 st['mfu_denoiser'] = f['denoiser'] * st['images_per_s'] / peak
                 st['mfu_step'] = sum(f.values()) * st['images_per_s'] / peak
@@ -413,6 +415,7 @@ def phase_resume(spec: dict, res: dict, write):
         return out
 
     res['A'] = fit('A')
+    gc.collect()
     write()
     mid = next(p for p in list_checkpoints(root/'A') if p.name.endswith(f"{r['every']:08d}"))
     for name in ('B', 'C') if r['repeat'] else ('B',):   # C: the noise floor of nondeterministic GPU kernels
@@ -420,6 +423,7 @@ def phase_resume(spec: dict, res: dict, write):
         (root/name/'checkpoints').mkdir(parents=True)
         shutil.copytree(mid, root/name/'checkpoints'/mid.name)
         res[name] = fit(name, resume='latest')
+        gc.collect()
         write()
     final = lambda n: list_checkpoints(root/n)[-1]
     def diff(a, b):
@@ -545,7 +549,7 @@ def run_phase(name: str, spec: dict) -> dict:
 def _child(name: str, spec: dict, cap: float, logf) -> dict:
     "Run a phase in a fresh process (FSDP2 resume: under accelerate launch), killed past its cap."
     spec = dict(spec, deadline_in=cap - 15)
-    sp = Path(spec['work'])/f'spec-{spec.get("phase_file", name)}.json'
+    sp = Path(spec['work'])/f'spec-{spec.get("phase_file", name + ".json")}'
     sp.write_text(json.dumps(spec))
     cmd = [sys.executable, str(Path(__file__).resolve()), '--phase', name, '--spec', str(sp)]
     if name == 'resume' and torch.cuda.is_available():
@@ -586,6 +590,7 @@ def main(argv=None) -> dict:
     p.add_argument('--variants', default=None, help=f"'all' or a comma list of {list(VARIANTS)}: time them at 512 px")
     p.add_argument('--compile-backend', default='aot_eager', help="smoke only: torch.compile backend (inductor: minutes)")
     p.add_argument('--in-process', action='store_true', help='run phases in this process (default on the CPU)')
+    p.add_argument('--isolate', action='store_true', help='run phases in child processes (default on a GPU)')
     p.add_argument('--phase', default=None, help=argparse.SUPPRESS)
     p.add_argument('--spec', default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -636,7 +641,7 @@ def spec_of(smoke, work, assets, sz, a) -> dict:
 
 def _run_jobs(a, results, spec, phases, variants, t_end, logf, save) -> dict:
     "Each phase (or variant) in turn, with a cap from the time left; results saved after each."
-    smoke, in_process = spec['smoke'], a.in_process or spec['smoke']
+    smoke, in_process = spec['smoke'], a.in_process or (spec['smoke'] and not a.isolate)
     if variants: jobs = [('speedrun', v) for v in variants] + [('speedrun', 'baseline')]
     else: jobs = [(ph, 'baseline') for ph in phases]
     for j, (name, variant) in enumerate(jobs):
