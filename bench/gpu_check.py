@@ -33,7 +33,8 @@ are the procedural shapes at 512 px. The optimizer is the full Muon + Adam step 
 (on 32 GPUs each rank orthogonalises 1/32 of the matrices); it is reported as its own part.
 """
 
-import argparse, gc, json, math, os, platform, shutil, subprocess, sys, tempfile, time, traceback
+import argparse, gc, json, math, os, platform, shutil, signal, subprocess, sys, tempfile, time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -818,20 +819,13 @@ def phase_nbdev(spec: dict, res: dict, write):
         if missing or left < 60:
             res['notebooks'][nb] = dict(status='not run', missing=missing, seconds_left=left)
             continue
-        t = time.perf_counter()
-        p = subprocess.run(
-            ['nbdev-test', '--flags', 'gpu', '--path', f'nbs/{nb}.ipynb'],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=left - 5,
-        )
-        res['notebooks'][nb] = dict(
-            status='passed' if p.returncode == 0 else 'failed',
-            seconds=time.perf_counter() - t,
-            tail=(p.stdout + p.stderr)[-1500:],
-        )
+        t, out = time.perf_counter(), Path(spec['work']) / f'nbdev-{nb}.log'
+        with open(out, 'w') as f:
+            rc = _run_group(['nbdev-test', '--flags', 'gpu', '--path', f'nbs/{nb}.ipynb'], left - 5,
+                            cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        status = {0: 'passed', None: 'stopped at the time cap'}.get(rc, 'failed')
+        res['notebooks'][nb] = dict(status=status, seconds=time.perf_counter() - t,
+                                    tail=out.read_text()[-1500:])
         write()
 
 
@@ -870,6 +864,17 @@ def run_phase(name: str, spec: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- orchestration
+def _run_group(cmd: list, timeout: float, **kw) -> int | None:
+    "Run `cmd` in its own process group; past `timeout`, kill the group (launchers fork workers)."
+    proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
 def _child(name: str, spec: dict, cap: float, logf) -> dict:
     "Run a phase in a fresh process (FSDP2 resume: under accelerate launch), killed past its cap."
     spec = dict(spec, deadline_in=cap - 15)
@@ -904,10 +909,7 @@ def _child(name: str, spec: dict, cap: float, logf) -> dict:
     )
     pf = Path(spec['work']) / spec.get('phase_file', f'phase-{name}.json')
     pf.unlink(missing_ok=True)
-    try:
-        subprocess.run(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=cap)
-    except subprocess.TimeoutExpired:
-        pass
+    _run_group(cmd, cap, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
     res = json.loads(pf.read_text()) if pf.exists() else {}
     if res.get('status') in (None, 'running'):
         res['status'] = f'killed at its cap ({cap:.0f} s)'
