@@ -76,7 +76,7 @@ class RunConfig:
     ema_decay: float = 0.999              # W_ema <- d W_ema + (1 - d) W ...
     ema_every: int = 10                   # ... every this many steps
     precision: str = 'auto'               # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'no'; weights stay fp32
-    compile: bool = False                 # torch.compile the denoiser's blocks
+    compile: bool | str = False           # torch.compile the blocks: True (inductor) or a backend
     log_every: int = 10
     trackers: list = field(default_factory=list)  # accelerate trackers besides log.jsonl, e.g. ['tensorboard'] or ['wandb']
     val_every: int = 250

@@ -141,8 +141,9 @@ class Run:
         opt = build_optimizer(module, cfg.optim)
         self.starts = np.cumsum([0] + [s.steps for s in cfg.stages]).tolist()
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
-        if cfg.compile:
-            for b in net.blocks: b.compile()
+        if cfg.compile:                            # True: inductor; a string names the backend
+            kw = {} if cfg.compile is True else {'backend': cfg.compile}
+            for b in net.blocks: b.compile(**kw)
         self.model, self.opt = self.acc.prepare(module, opt)
         self.sharded = any(isinstance(p, DTensor) for p in self.model.parameters())   # FSDP2 (accelerate config): weights are shards
         if self.sharded:
