@@ -16,7 +16,7 @@ from PIL import Image
 # %% auto #0
 __all__ = ['seed_everything', 'get_device', 'autocast_dtype', 'autocast', 'repo_root', 'data_samples_dir', 'cache_dir',
            'MissingWeightsError', 'hub_reachable', 'resolve_pretrained', 'quiet_hf', 'to_rgb', 'img_to_tensor',
-           'tensor_to_img', 'show_images', 'save_images', 'Timer']
+           'tensor_to_img', 'show_images', 'save_images', 'Timer', 'full_budget']
 
 # %% ../nbs/00_core.ipynb #00ca86bc
 def seed_everything(seed: int = 42) -> int:
@@ -185,3 +185,11 @@ class Timer:
     def __exit__(self, *exc):
         self._sync(); self.elapsed = time.perf_counter() - self.t0
         if self.verbose: print(f'{self.name}: {self.elapsed*1e3:.1f} ms')
+
+# %% ../nbs/00_core.ipynb #843d907d
+def full_budget(full: bool = False) -> bool:
+    "Whether a notebook runs its full-budget experiments: `full`, or `PIXELDIFF_FULL=1` in the environment."
+    env = os.environ.get('PIXELDIFF_FULL', '').strip().lower()
+    if env not in ('', '0', 'false', '1', 'true'):
+        raise ValueError(f"PIXELDIFF_FULL={env!r}: set it to 1 (full budgets) or 0 (quick budgets).")
+    return bool(full) or env in ('1', 'true')
