@@ -1,8 +1,9 @@
 """`05_xpred` as a reader meets it: JupyterLab in headless Chromium, Run All with the default budget, then the slider.
 
 The test starts JupyterLab on 127.0.0.1 (a free port, a random token) in a temporary folder that holds a copy of the
-notebook, so autosave never touches `nbs/`. It clicks Run > Run All Cells, waits for the kernel, checks that no cell
-shows an error, that the slider over t renders as a slider, and that moving it changes the trained model's x̂₀ images.
+notebook and of `pyproject.toml`, so neither autosave nor the notebook's export cell touches the checkout. It clicks
+Run > Run All Cells, waits for the kernel, checks that no cell shows an error, that the slider over t renders as a
+slider, and that moving it changes the trained model's x̂₀ images.
 It needs Debian's `chromium` and `chromium-driver` and the `selenium` package (`.ci/run` installs them); without them
 it skips and says which one is missing. `PIXELDIFF_BROWSER_TIMEOUT` bounds the wait for Run All (seconds, default 1500).
 """
@@ -40,16 +41,20 @@ def _free_port() -> int:
 def lab():
     "A JupyterLab server over a temporary copy of the notebook; yields (base url, token); always shut down."
     work = Path(tempfile.mkdtemp(prefix='pixeldiff-lab-'))
-    shutil.copy(ROOT/'nbs'/NB, work/NB)
+    (work/'nbs').mkdir()
+    shutil.copy(ROOT/'nbs'/NB, work/'nbs'/NB)
+    shutil.copy(ROOT/'pyproject.toml', work/'pyproject.toml')   # the notebook's last cell exports into this copy
     port, token = _free_port(), secrets.token_hex(16)
-    env = {k: v for k, v in os.environ.items() if k not in ('MPLBACKEND', 'PIXELDIFF_FULL')}  # inline figures, quick budget
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')]), JUPYTER_RUNTIME_DIR=str(work/'rt'))
+    drop = ('MPLBACKEND', 'PIXELDIFF_FULL')                      # inline figures, the default budget
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')]), JUPYTER_RUNTIME_DIR=str(work/'rt'),
+               JUPYTERLAB_SETTINGS_DIR=str(work/'settings'), JUPYTERLAB_WORKSPACES_DIR=str(work/'workspaces'))
     cmd = [sys.executable, '-m', 'jupyterlab', '--no-browser', '--ip=127.0.0.1', f'--port={port}',
-           f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={work}', '--ServerApp.port_retries=0',
+           f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={work/"nbs"}', '--ServerApp.port_retries=0',
            '--LabApp.expose_app_in_browser=True', '--LabApp.news_url=', '--LabApp.check_for_updates_class='
            'jupyterlab.NeverCheckForUpdate', '--ServerApp.allow_root=True']
     log = open(work/'lab.log', 'w')
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=work/'nbs', env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f'http://127.0.0.1:{port}'
     try:
         deadline = time.time() + 120
@@ -132,11 +137,13 @@ def test_run_all_and_slider(lab, browser):
                                      ' && window.jupyterapp.shell.currentWidget.sessionContext)'), 120, 'the notebook')
     _wait(lambda: (drv.execute_script(STATE_JS) or {}).get('status') == 'idle', 180, 'an idle kernel')
     # Run > Run All Cells, as a reader does
-    menu = _wait(lambda: [e for e in drv.find_elements(By.CSS_SELECTOR, '.lm-MenuBar-itemLabel') if e.text == 'Run'],
-                 30, 'the Run menu')
-    menu[0].click()
-    _wait(lambda: drv.find_elements(By.CSS_SELECTOR, 'li[data-command="notebook:run-all-cells"]'), 30,
-          'Run All Cells')[0].click()
+    def labelled(css, text):
+        return [e for e in drv.find_elements(By.CSS_SELECTOR, css) if e.text.strip() == text]
+    _wait(lambda: labelled('.lm-MenuBar-item', 'Run'), 30, 'the Run menu')[0].click()
+    try: _wait(lambda: labelled('.lm-Menu-item', 'Run All Cells'), 30, 'Run All Cells')[0].click()
+    except BaseException:
+        print([e.text for e in drv.find_elements(By.CSS_SELECTOR, '.lm-Menu-item, .lm-MenuBar-item')][:60])
+        raise
     t0 = time.time()
     def finished():
         s = drv.execute_script(STATE_JS)
@@ -147,7 +154,8 @@ def test_run_all_and_slider(lab, browser):
     # the slider renders as a slider (a widget, not the text repr of one) with its value
     slider = _wait(lambda: drv.find_elements(By.CSS_SELECTOR, '.widget-interact .widget-hslider'), 60, 'the slider')[0]
     assert slider.is_displayed()
-    assert not [e for e in drv.find_elements(By.CSS_SELECTOR, '.jp-OutputArea-output pre') if 'interactive(children=' in e.text]
+    texts = [e.text for e in drv.find_elements(By.CSS_SELECTOR, '.jp-OutputArea-output pre')]
+    assert not [t for t in texts if 'interactive(children=' in t]    # not the widget's text repr
     readout = slider.find_element(By.CSS_SELECTOR, '.widget-readout')
     assert readout.text.strip() in ('0.50', '0.5'), readout.text
     before = _wait(lambda: _images(drv), 60, "the slider's picture")
@@ -161,6 +169,7 @@ def test_run_all_and_slider(lab, browser):
     _wait(lambda: readout.text.strip() == '0.80', 30, 'the readout to show 0.80')
     def changed():
         ims = _images(drv)
-        return ims if ims and _right_half(ims[0]).shape == xh0.shape and np.abs(_right_half(ims[0]) - xh0).mean() > 1 else None
+        if not ims or _right_half(ims[0]).shape != xh0.shape: return None
+        return ims if np.abs(_right_half(ims[0]) - xh0).mean() > 1 else None
     after = _wait(changed, 120, 'the x̂₀ images to change')
     assert _right_half(after[0]).std() > 5
