@@ -190,17 +190,18 @@ class Timer:
 _BUDGET = {'full': False}
 
 def skip_flagged(lines: list) -> list:
-    "IPython input transformer: a `#| slow` cell (unless full) or a `#| gpu` cell without a GPU becomes a printed note."
-    head = [l for l in lines[:next((k for k, l in enumerate(lines) if l.strip() and not l.startswith('#')), len(lines))]]
-    flags = {w for l in head if l.startswith('#|') for w in l[2:].split()}   # the cell's leading directives
+    "IPython input transformer: a `#| slow` cell (unless full) or a `#| gpu` cell without a GPU prints a note instead."
+    n = next((k for k, l in enumerate(lines) if l.strip() and not l.startswith('#')), len(lines))
+    flags = {w for l in lines[:n] if l.startswith('#|') for w in l[2:].split()}   # the leading directives
     why = None
-    if 'slow' in flags and not _BUDGET['full']: why = 'a full-budget cell (FULL = full_budget(True) at the top runs it)'
+    if 'slow' in flags and not _BUDGET['full']: why = 'a full-budget cell (FULL = full_budget(True) runs it)'
     elif 'gpu' in flags and not torch.cuda.is_available(): why = 'a GPU cell and this machine has no GPU'
     if why is None: return lines
-    return [f"print({f'Skipped: {why}; the notebook file keeps the output of a full run.'!r})\n"]
+    note = f'Skipped: {why}; the notebook file keeps the output of a full run.'
+    return [f'print({note!r})\n']
 
 def full_budget(full: bool = False) -> bool:
-    "Whether a notebook runs its full-budget experiments (`full`, or `PIXELDIFF_FULL=1`); in IPython, arms `skip_flagged`."
+    "Whether a notebook runs its full experiments (`full` or `PIXELDIFF_FULL=1`); in IPython, arms `skip_flagged`."
     env = os.environ.get('PIXELDIFF_FULL', '').strip().lower()
     if env not in ('', '0', 'false', '1', 'true'):
         raise ValueError(f"PIXELDIFF_FULL={env!r}: set it to 1 (full budgets) or 0 (quick budgets).")
@@ -208,6 +209,6 @@ def full_budget(full: bool = False) -> bool:
     try: from IPython import get_ipython
     except ImportError: return _BUDGET['full']
     ip = get_ipython()
-    if ip is not None and skip_flagged.__name__ not in [getattr(f, '__name__', '') for f in ip.input_transformers_cleanup]:
-        ip.input_transformers_cleanup.append(skip_flagged)
+    names = [getattr(f, '__name__', '') for f in getattr(ip, 'input_transformers_cleanup', [])]
+    if ip is not None and 'skip_flagged' not in names: ip.input_transformers_cleanup.append(skip_flagged)
     return _BUDGET['full']
