@@ -16,7 +16,7 @@ from PIL import Image
 # %% auto #0
 __all__ = ['seed_everything', 'get_device', 'autocast_dtype', 'autocast', 'repo_root', 'data_samples_dir', 'cache_dir',
            'MissingWeightsError', 'hub_reachable', 'resolve_pretrained', 'quiet_hf', 'to_rgb', 'img_to_tensor',
-           'tensor_to_img', 'show_images', 'save_images', 'Timer']
+           'tensor_to_img', 'show_images', 'save_images', 'Timer', 'skip_flagged', 'full_budget']
 
 # %% ../nbs/00_core.ipynb #00ca86bc
 def seed_everything(seed: int = 42) -> int:
@@ -185,3 +185,30 @@ class Timer:
     def __exit__(self, *exc):
         self._sync(); self.elapsed = time.perf_counter() - self.t0
         if self.verbose: print(f'{self.name}: {self.elapsed*1e3:.1f} ms')
+
+# %% ../nbs/00_core.ipynb #843d907d
+_BUDGET = {'full': False}
+
+def skip_flagged(lines: list) -> list:
+    "IPython input transformer: a `#| slow` cell (unless full) or a `#| gpu` cell without a GPU prints a note instead."
+    n = next((k for k, l in enumerate(lines) if l.strip() and not l.startswith('#')), len(lines))
+    flags = {w for l in lines[:n] if l.startswith('#|') for w in l[2:].split()}   # the leading directives
+    why = None
+    if 'slow' in flags and not _BUDGET['full']: why = 'a full-budget cell (FULL = full_budget(True) runs it)'
+    elif 'gpu' in flags and not torch.cuda.is_available(): why = 'a GPU cell and this machine has no GPU'
+    if why is None: return lines
+    note = f'Skipped: {why}; the notebook file keeps the output of a full run.'
+    return [f'print({note!r})\n']
+
+def full_budget(full: bool = False) -> bool:
+    "Whether a notebook runs its full experiments (`full` or `PIXELDIFF_FULL=1`); in IPython, arms `skip_flagged`."
+    env = os.environ.get('PIXELDIFF_FULL', '').strip().lower()
+    if env not in ('', '0', 'false', '1', 'true'):
+        raise ValueError(f"PIXELDIFF_FULL={env!r}: set it to 1 (full budgets) or 0 (quick budgets).")
+    _BUDGET['full'] = bool(full) or env in ('1', 'true')
+    try: from IPython import get_ipython
+    except ImportError: return _BUDGET['full']
+    ip = get_ipython()
+    names = [getattr(f, '__name__', '') for f in getattr(ip, 'input_transformers_cleanup', [])]
+    if ip is not None and 'skip_flagged' not in names: ip.input_transformers_cleanup.append(skip_flagged)
+    return _BUDGET['full']

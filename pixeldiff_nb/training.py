@@ -222,7 +222,7 @@ class LogCB(Callback):
         self.t0, self.imgs, self.acc = time.perf_counter(), 0, {}
 
 class ProgressCB(Callback):
-    "A fastprogress bar over the steps, with a live plot of the training (and validation) loss."
+    "A fastprogress bar over the steps, with a live plot of the training loss and (with markers) the validation loss."
     order = 30
     def __init__(self, plot: bool = True, every: int = 25): self.plot, self.every = plot, every
     def before_fit(self):
@@ -236,18 +236,38 @@ class ProgressCB(Callback):
         if self.mb is not None: self.mb.update(0)
         self.pb = progress_bar(range(L.stop_step - L.step), parent=self.mb, leave=True)
         self.pb.update(0)
+        self.fig = None
+    def draw(self):
+        "Draw the losses so far into one figure, shown in place: training as a line, validation as dots."
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+        L = self.learn
+        if self.fig is None:
+            self.fig, self.ax = plt.subplots(figsize=(4.5, 2.2))
+            self.out = display(self.fig, display_id=True)
+        self.ax.clear()
+        self.ax.plot(L.history['step'], L.history['loss'], label='train')
+        if L.history['val']:                                  # a marker makes the first point visible
+            val = [v['all'] for _, v in L.history['val']]
+            self.ax.plot([s for s, _ in L.history['val']], val, 'o-', label='validation')
+        self.ax.set_xlabel('step'); self.ax.set_ylabel('v-loss'); self.ax.legend(loc='upper right', fontsize=7)
+        self.out.update(self.fig)
     def after_step(self):
         if not self.show: return
         L = self.learn
         done = L.step - (L.stop_step - self.pb.total)
         self.pb.comment = f"step {L.step} loss {L.loss.item():.4f}"
         self.pb.update(done)
-        if self.plot and (L.step % self.every == 0 or L.step == L.stop_step) and L.history['loss']:
-            graphs = [[L.history['step'], L.history['loss']]]
-            if L.history['val']: graphs.append([[s for s, _ in L.history['val']], [v['all'] for _, v in L.history['val']]])
-            self.mb.update_graph(graphs)
+        if self.plot and (L.step % self.every == 0 or L.step == L.stop_step) and L.history['loss']: self.draw()
     def after_fit(self):
-        if self.show: self.pb.on_iter_end()
+        if not self.show: return
+        self.pb.on_iter_end()
+        if self.mb is None: return
+        self.mb.update(1)                                     # the outer bar reaches 1/1, which ends the master bar
+        self.mb.show()                                        # ... keep both finished bars on screen
+        if self.fig is not None:
+            import matplotlib.pyplot as plt
+            plt.close(self.fig)                               # closed: not drawn a second time at the end of the cell
 
 # %% ../nbs/10_training.ipynb #4b9c7691
 T_BINS = ((0.0, 0.3), (0.3, 0.6), (0.6, 1.0))
