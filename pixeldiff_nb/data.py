@@ -100,14 +100,14 @@ class ImageTextData:
     caption_columns: list
     caption_weights: list
     source: str = ''
-    load_report: object = None                                # DataReport of records dropped while loading (bad metadata lines)
+    bad_lines: list = field(default_factory=list)             # 'file:line' of malformed metadata lines, skipped
     @property
     def streaming(self) -> bool: import datasets; return isinstance(self.ds, datasets.IterableDataset)
     def __len__(self): return len(self.ds)
     def select(self, indices) -> 'ImageTextData':
         "The same data restricted to rows `indices` (map-style)."
-        return ImageTextData(self.ds.select(indices), self.image_column, self.caption_columns, self.caption_weights, self.source,
-                             self.load_report)
+        return ImageTextData(self.ds.select(indices), self.image_column, self.caption_columns,
+                             self.caption_weights, self.source, self.bad_lines)
 
 def _ftype(f) -> str:
     "A short name for a `datasets` feature, or for a Python value of an untyped stream."
@@ -171,34 +171,33 @@ def load_image_text(source=None, *, split: str = 'train', image_column=None, cap
         pq, tars = [str(f) for f in files if f.suffix == '.parquet'], [str(f) for f in files if f.suffix == '.tar']
         args = dict(split=split, streaming=bool(streaming), **kw)
         with quiet_hf():
-            if pq: ds, report = datasets.load_dataset('parquet', data_files={split: pq}, **args), None
-            elif tars: ds, report = datasets.load_dataset('webdataset', data_files={split: tars}, **args), None
+            if pq: ds, bad = datasets.load_dataset('parquet', data_files={split: pq}, **args), []
+            elif tars: ds, bad = datasets.load_dataset('webdataset', data_files={split: tars}, **args), []
             else:
-                rows, report = read_metadata(p)
-                ds = (_rows_dataset(rows, streaming) if report.skipped else   # malformed metadata lines: the good rows
+                rows, bad = read_metadata(p)
+                ds = (_rows_dataset(rows, streaming) if bad else      # malformed metadata lines: the good rows
                       datasets.load_dataset('imagefolder', data_dir=str(p), **args))
     else:                                                     # a hub id: streamed unless streaming=False
         if not hub_reachable():
             raise FileNotFoundError(f"'{src}' is not a local folder and the hub is unreachable: download it with "
                                     f"`hf download {src} --repo-type dataset --local-dir DIR` and pass DIR")
-        ds, report = datasets.load_dataset(str(src), split=split, streaming=streaming is None or streaming, **kw), None
+        ds, bad = datasets.load_dataset(str(src), split=split, streaming=streaming is None or streaming, **kw), []
     data = as_image_text(ds, image_column, caption_columns, caption_weights, source=str(src))
-    data.load_report = report
+    data.bad_lines = bad
     return data
 
-def read_metadata(folder) -> tuple[list, 'DataReport']:
-    "Rows of every metadata.jsonl under `folder` (image paths made absolute) and a DataReport of the lines that are not rows."
-    rows, rep = [], DataReport()
-    def bad(where): rep.seen += 1; rep.skip('bad_metadata_line', where)
+def read_metadata(folder) -> tuple[list, list]:
+    "Rows of every metadata.jsonl under `folder` (image paths made absolute), and 'file:line' of each line that is not one."
+    rows, bad = [], []
     for f in sorted(Path(folder).rglob('metadata.jsonl')):
         with open(f, encoding='utf-8', errors='replace') as fh:
             for n, line in enumerate(fh, 1):                   # 1-based, as an editor shows them
                 if not line.strip(): continue
                 try: row = json.loads(line)
-                except ValueError: bad(f'{f}:{n}'); continue
-                if not isinstance(row, dict) or not isinstance(row.get('file_name'), str): bad(f'{f}:{n}'); continue
+                except ValueError: row = None
+                if not isinstance(row, dict) or not isinstance(row.get('file_name'), str): bad.append(f'{f}:{n}'); continue
                 rows.append({'image': str(f.parent/row.pop('file_name')), **row})
-    return rows, rep                                          # rep.seen: the bad lines only; the loader sees the rows
+    return rows, bad
 
 def _rows_dataset(rows: list, streaming):
     "A `datasets` dataset of image paths and metadata rows (what imagefolder would give for those rows)."
@@ -222,6 +221,10 @@ class DataReport:
         self.seen += other.seen; self.used += other.used
         self.skipped.update(other.skipped); self.converted.update(other.converted)
         for k, v in other.examples.items(): self.examples[k] = (self.examples.get(k, []) + v)[:3]
+        return self
+    def add_bad_lines(self, where: list) -> 'DataReport':
+        "Count malformed metadata lines ('file:line') as seen and skipped."
+        for w in where: self.seen += 1; self.skip('bad_metadata_line', w)
         return self
     def to_dict(self) -> dict:
         "The counts as a JSON-ready dict (with the file:line of malformed metadata lines)."

@@ -25,7 +25,7 @@ from .repa import build_repa
 from .muon import build_optimizer
 from .training import (Callback, TrainModule, Objective, EMA, Learner, NaNGuardCB, EMACB, LogCB, ProgressCB,
                                    ValidationCB, SampleCB, CheckpointCB, CancelFitException, unwrap, generate, plot_log)
-from .checkpoints import save_checkpoint, load_checkpoint, latest_checkpoint, nonfinite_in, _contig
+from .checkpoints import save_checkpoint, load_checkpoint, latest_checkpoint, list_checkpoints, nonfinite_in, _contig
 from .config import (PRESETS, RunConfig, StageConfig, config_to_dict, config_from_dict, get_preset, repa_on,
                                  validate_run, preset_names, resume_changes)
 
@@ -225,8 +225,9 @@ class Run:
         "Restore everything from checkpoint `which` ('latest' or a path) so that training continues exactly."
         path = latest_checkpoint(self.out) if which == 'latest' else Path(which)
         if path is None:
-            if which == 'latest': return                            # nothing saved yet: a fresh start
-            raise FileNotFoundError(f"No checkpoint found under {self.out}/checkpoints: start without --resume.")
+            if which == 'latest' and not list_checkpoints(self.out): return   # nothing saved yet: a fresh start
+            raise FileNotFoundError(f"None of the {len(list_checkpoints(self.out))} checkpoints under {self.out}/checkpoints can "
+                                    f"be resumed (damaged or not finite, see the warnings): start a new out_dir.")
         ck = load_checkpoint(path, self.cfg.model)
         if nonfinite_in(path):
             raise ValueError(f"{path} holds NaN or inf ({nonfinite_in(path)}): resume from an earlier checkpoint or --resume latest.")
@@ -259,8 +260,7 @@ class Run:
     def data_report(self):
         "This stage's data counts on this process (its loader's) plus the records dropped while loading."
         from pixeldiff_nb.data import DataReport
-        rep = DataReport().merge(self._loader.report)
-        return rep.merge(self.train_data.load_report) if getattr(self.train_data, 'load_report', None) else rep
+        return DataReport().merge(self._loader.report).add_bad_lines(getattr(self.train_data, 'bad_lines', []))
 
     def callbacks(self, k: int) -> list:
         cfg, st = self.cfg, self.cfg.stages[k]

@@ -119,10 +119,11 @@ def test_malformed_metadata_lines_are_skipped_and_counted(imagefolder, tmp_path,
     (d/'metadata.jsonl').write_text('\n'.join(lines) + '\n')
     data = D.load_image_text(d)
     assert len(data) == 8 and data.caption_columns == ['caption', 'short_caption']
-    rep = data.load_report
-    assert rep.skipped == {'bad_metadata_line': 2} and rep.examples['bad_metadata_line'] == [f'{d/"metadata.jsonl"}:3',
-                                                                                             f'{d/"metadata.jsonl"}:6']
+    assert data.bad_lines == [f'{d/"metadata.jsonl"}:3', f'{d/"metadata.jsonl"}:6']
+    rep = D.DataReport().add_bad_lines(data.bad_lines)
+    assert rep.seen == 2 and rep.skipped == {'bad_metadata_line': 2}
     assert f'bad_metadata_line 2 ({d/"metadata.jsonl"}:3, {d/"metadata.jsonl"}:6)' in rep.summary()
+    assert data.select([0, 1]).bad_lines == data.bad_lines and D.load_image_text(imagefolder).bad_lines == []
     good = D.load_image_text(imagefolder)                            # the same columns and image paths as imagefolder gives
     assert data.ds.features == good.ds.features
     assert Path(data.ds[0]['image']['path']).relative_to(d) == Path(good.ds[0]['image']['path']).relative_to(imagefolder)

@@ -175,6 +175,9 @@ def test_nonfinite_checkpoint_is_never_written_and_never_picked(tmp_path):
     (old/'manifest.json').write_text(json.dumps(man))
     with pytest.warns(UserWarning, match=f'Skipping step-00000003: model/{k} holds NaN or inf'):
         assert latest_checkpoint(tmp_path).name == 'step-00000001'
+    shutil.rmtree(tmp_path/'checkpoints'/'step-00000001')                            # only the poisoned one is left
+    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match='None of the 1 checkpoints .* can be resumed'):
+        Run(get_preset('cpu', MICRO + [f'out_dir={tmp_path}']), resume='latest', progress=False)   # never a silent fresh start
 
 
 def test_resume_applies_changed_lr_and_refuses_a_fixed_key(micro_run, tmp_path, capsys):
