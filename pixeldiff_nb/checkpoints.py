@@ -57,10 +57,11 @@ def _sha256(path: Path) -> str:
 def _contig(sd: dict) -> dict: return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
 
 def first_nonfinite(parts: dict) -> str | None:
-    "The name ('part/key') of the first floating-point tensor holding a NaN or an infinity in {part: state dict}, else None."
+    "'part/key' of the first float tensor with a NaN or an inf in {part: state dict}, else None."
     for part, sd in parts.items():
         for k, v in (sd or {}).items():
-            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()): return f'{part}/{k}'
+            if not (torch.is_tensor(v) and v.is_floating_point()): continue
+            if not bool(torch.isfinite(v).all()): return f'{part}/{k}'
     return None
 
 def save_checkpoint(out_dir, step: int, *, model_sd: dict, config: dict, ema_sd: dict | None = None,
@@ -68,8 +69,10 @@ def save_checkpoint(out_dir, step: int, *, model_sd: dict, config: dict, ema_sd:
     "Write checkpoint `step-NNNNNNNN` atomically under out_dir/checkpoints (temp folder, then rename); prune to keep_last."
     skel, tensors = pack_state(trainer_state or {})
     bad = first_nonfinite({'model': model_sd, 'ema': ema_sd, 'extra': extra_sd, 'trainer': tensors})
-    if bad: raise FloatingPointError(f"Not writing checkpoint step-{step:08d}: {bad} holds NaN or inf; the newest finite "
-                                     f"checkpoint stays the latest. Lower optim.lr or raise warmup, then --resume latest.")
+    if bad:
+        raise FloatingPointError(f"Not writing checkpoint step-{step:08d}: {bad} holds NaN or inf; "
+                                 f"the newest finite checkpoint stays the latest. Lower "
+                                 f"optim.lr or raise warmup, then --resume latest.")
     root = Path(out_dir)/'checkpoints'; root.mkdir(parents=True, exist_ok=True)
     final, tmp = root/f'step-{step:08d}', root/f'.tmp-step-{step:08d}-{os.getpid()}'
     if tmp.exists(): shutil.rmtree(tmp)
@@ -82,7 +85,8 @@ def save_checkpoint(out_dir, step: int, *, model_sd: dict, config: dict, ema_sd:
         (tmp/'trainer.json').write_text(json.dumps(skel))
         (tmp/'config.json').write_text(json.dumps(config, indent=1))
         files = {p.name: {'bytes': p.stat().st_size, 'sha256': _sha256(p)} for p in sorted(tmp.iterdir())}
-        (tmp/'manifest.json').write_text(json.dumps({'format': CKPT_FORMAT, 'step': step, 'finite': True, 'files': files}, indent=1))
+        man = {'format': CKPT_FORMAT, 'step': step, 'finite': True, 'files': files}  # checked above
+        (tmp/'manifest.json').write_text(json.dumps(man, indent=1))
         for p in tmp.iterdir():
             with open(p, 'rb') as f: os.fsync(f.fileno())
         if final.exists(): shutil.rmtree(final)
@@ -118,9 +122,9 @@ def verify_checkpoint(path) -> dict:
     return man
 
 def nonfinite_in(path) -> str | None:
-    "The first tensor of checkpoint `path` that is not finite ('file/key'), else None; a manifest marked finite is trusted."
+    "'file/key' of the first tensor of checkpoint `path` that is not finite, else None."
     path = Path(path)
-    if json.loads((path/'manifest.json').read_text()).get('finite'): return None   # checked when written, checksums since
+    if json.loads((path/'manifest.json').read_text()).get('finite'): return None  # checked
     from safetensors import safe_open
     for f in sorted(path.glob('*.safetensors')):
         with safe_open(str(f), 'pt') as st:
@@ -129,14 +133,16 @@ def nonfinite_in(path) -> str | None:
     return None
 
 def latest_checkpoint(out_dir) -> Path | None:
-    "The newest checkpoint under out_dir that verifies and is finite; newer damaged or non-finite ones are skipped with a warning."
+    "The newest checkpoint under out_dir that verifies and is finite; others are skipped, warning."
     for p in reversed(list_checkpoints(out_dir)):
         try: verify_checkpoint(p)
-        except (ValueError, FileNotFoundError) as e: warnings.warn(f"Skipping {p.name}: {e}"); continue
+        except (ValueError, FileNotFoundError) as e:
+            warnings.warn(f"Skipping {p.name}: {e}")
+            continue
         bad = nonfinite_in(p)
         if bad is None: return p
-        warnings.warn(f"Skipping {p.name}: {bad} holds NaN or inf (written before the NaN guard checked it); "
-                      f"resuming from an earlier checkpoint.")
+        warnings.warn(f"Skipping {p.name}: {bad} holds NaN or inf (written before the NaN guard "
+                      f"checked it); resuming from an earlier checkpoint.")
     return None
 
 def load_checkpoint(path, model_cfg=None) -> dict:  # model_cfg: the ModelConfig the weights must fit

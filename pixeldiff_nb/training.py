@@ -110,7 +110,7 @@ class CancelStepException(Exception): "Skip the rest of this step."
 class CancelFitException(Exception): "Stop training now."
 
 class Callback:
-    "Base class: a callback defines any of before_fit, before_step, after_loss, after_backward, before_update, after_step, after_fit."
+    "Base class: any of before_fit/step, after_loss/backward, before_update, after_step/fit."
     order = 0
 
 class Learner:
@@ -161,7 +161,7 @@ class Learner:
         else: gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.tensor(0.)
         self.grad_norm = float(gn.full_tensor() if hasattr(gn, 'full_tensor') else gn)   # FSDP2: a sharded norm
         self.skip_update = False
-        self.callback('before_update')                                # the NaN guard may veto this update
+        self.callback('before_update')                          # the NaN guard may veto this update
         if not self.skip_update: self.opt.step()
         if self.sched is not None: self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -181,13 +181,15 @@ def unwrap(model: nn.Module) -> nn.Module:
         else: return model
 
 class NaNGuardCB(Callback):
-    "Skip any update whose loss or grad norm is not finite (same decision on every process); stop after `max_skips` in a row."
+    "Skip an update whose loss or grad norm is not finite (on any process); stop after `max_skips`."
     order = -10
-    def __init__(self, max_skips: int = 3, log=print): self.max_skips, self.log, self.in_a_row, self.total = max_skips, log, 0, 0
+    def __init__(self, max_skips: int = 3, log=print):
+        self.max_skips, self.log, self.in_a_row, self.total = max_skips, log, 0, 0
     def before_step(self): self.bad_loss = False
-    def after_loss(self): self.bad_loss = self.bad_loss or not bool(torch.isfinite(self.learn.loss.detach()).all())
+    def after_loss(self):
+        self.bad_loss = self.bad_loss or not bool(torch.isfinite(self.learn.loss.detach()).all())
     def _any_rank(self, bad: bool) -> bool:
-        acc = self.learn.accelerator                            # one rank's non-finite loss vetoes the update everywhere
+        acc = self.learn.accelerator         # one rank's non-finite loss vetoes every rank's update
         if acc is None or acc.num_processes == 1: return bad
         return bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), 'sum').item() > 0)
     def before_update(self):
@@ -197,13 +199,13 @@ class NaNGuardCB(Callback):
         L.skip_update, self.in_a_row, self.total = True, self.in_a_row + 1, self.total + 1
         L.skipped = self.total
         what = f"loss {L.loss.item():.3g}, grad norm {L.grad_norm:.3g}"
-        if L.rank == 0: self.log(f"step {L.step + 1}: {what} is not finite: update skipped ({self.in_a_row} in a row, "
-                                 f"{self.total} in this stage)")
+        if L.rank == 0: self.log(f"step {L.step + 1}: {what} is not finite: update skipped "
+                                 f"({self.in_a_row} in a row, {self.total} in this stage)")
         if self.in_a_row < self.max_skips: return
         first = L.step + 2 - self.in_a_row
-        L.failed = (f"{self.in_a_row} steps in a row ({first}..{L.step + 1}) were not finite ({what}); each was skipped, "
-                    f"so the weights and every checkpoint stay finite. Lower optim.lr or raise warmup / lower grad_clip, "
-                    f"then --resume latest.")
+        L.failed = (f"{self.in_a_row} steps in a row ({first}..{L.step + 1}) were not finite "
+                    f"({what}); each was skipped, so the weights and every checkpoint stay finite. "
+                    f"Lower optim.lr or raise warmup / lower grad_clip, then --resume latest.")
         raise CancelFitException()
 
 class EMACB(Callback):
@@ -232,8 +234,8 @@ class LogCB(Callback):
         rec = {'step': L.step, **means, 'grad_norm': L.grad_norm,
                'lr': [g['lr'] for g in L.opt.param_groups], 'images_per_s': self.imgs / dt}
         if self.tokens: rec['tokens_per_s'] = self.imgs * self.tokens / dt
-        if getattr(L, 'skipped', 0): rec['skipped_steps'] = L.skipped   # updates the NaN guard refused so far
-        if L.step == L.stop_step and hasattr(L, 'data_summary'): rec['data'] = L.data_summary()   # the stage's bad records
+        if getattr(L, 'skipped', 0): rec['skipped_steps'] = L.skipped       # refused updates
+        if L.step == L.stop_step and hasattr(L, 'data_summary'): rec['data'] = L.data_summary()
         if L.history['val'] and L.history['val'][-1][0] == L.step: rec['val'] = L.history['val'][-1][1]   # ValidationCB runs first
         L.history['step'].append(L.step); L.history['loss'].append(rec['loss'])
         if self.path is not None and L.rank == 0:
