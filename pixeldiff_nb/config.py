@@ -296,6 +296,8 @@ def preset_names() -> list[str]:
     "Every preset: this module's and those registered by PRESET_MODULES (imported here)."
     import importlib
     for m in PRESET_MODULES: importlib.import_module(m)
+    registry = importlib.import_module('pixeldiff_nb.config').PRESETS   # this dict, or the module's
+    for k, fn in registry.items(): PRESETS.setdefault(k, fn)              # (when run in the notebook)
     return sorted(PRESETS)
 
 def get_preset(name: str, overrides=()) -> RunConfig:
