@@ -204,7 +204,7 @@ class NaNGuardCB(Callback):
         if self.in_a_row < self.max_skips: return
         first = L.step + 2 - self.in_a_row
         L.failed = (f"{self.in_a_row} steps in a row ({first}..{L.step + 1}) were not finite "
-                    f"({what}); each was skipped, so the weights and every checkpoint stay finite. "
+                    f"({what}); none was applied, and no checkpoint is written with NaN or inf. "
                     f"Lower optim.lr or raise warmup / lower grad_clip, then --resume latest.")
         raise CancelFitException()
 
