@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file, load_file
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'pack_state', 'unpack_state', 'save_checkpoint', 'list_checkpoints', 'verify_checkpoint',
-           'latest_checkpoint', 'load_checkpoint']
+__all__ = ['CKPT_FORMAT', 'pack_state', 'unpack_state', 'first_nonfinite', 'save_checkpoint', 'list_checkpoints',
+           'verify_checkpoint', 'nonfinite_in', 'latest_checkpoint', 'load_checkpoint']
 
 # %% ../nbs/10a_checkpoints.ipynb #58e734a7
 def pack_state(obj, tensors: dict | None = None, prefix: str = 's'):
@@ -56,9 +56,23 @@ def _sha256(path: Path) -> str:
 
 def _contig(sd: dict) -> dict: return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
 
+def first_nonfinite(parts: dict) -> str | None:
+    "'part/key' of the first float tensor with a NaN or an inf in {part: state dict}, else None."
+    for part, sd in parts.items():
+        for k, v in (sd or {}).items():
+            if not (torch.is_tensor(v) and v.is_floating_point()): continue
+            if not bool(torch.isfinite(v).all()): return f'{part}/{k}'
+    return None
+
 def save_checkpoint(out_dir, step: int, *, model_sd: dict, config: dict, ema_sd: dict | None = None,
                     extra_sd: dict | None = None, trainer_state: dict | None = None, keep_last: int | None = None) -> Path:
     "Write checkpoint `step-NNNNNNNN` atomically under out_dir/checkpoints (temp folder, then rename); prune to keep_last."
+    skel, tensors = pack_state(trainer_state or {})
+    bad = first_nonfinite({'model': model_sd, 'ema': ema_sd, 'extra': extra_sd, 'trainer': tensors})
+    if bad:
+        raise FloatingPointError(f"Not writing checkpoint step-{step:08d}: {bad} holds NaN or inf; "
+                                 f"the newest finite checkpoint stays the latest. Lower "
+                                 f"optim.lr or raise warmup, then --resume latest.")
     root = Path(out_dir)/'checkpoints'; root.mkdir(parents=True, exist_ok=True)
     final, tmp = root/f'step-{step:08d}', root/f'.tmp-step-{step:08d}-{os.getpid()}'
     if tmp.exists(): shutil.rmtree(tmp)
@@ -67,12 +81,12 @@ def save_checkpoint(out_dir, step: int, *, model_sd: dict, config: dict, ema_sd:
         save_file(_contig(model_sd), tmp/'model.safetensors')
         if ema_sd is not None: save_file(_contig(ema_sd), tmp/'ema.safetensors')
         if extra_sd: save_file(_contig(extra_sd), tmp/'extra.safetensors')
-        skel, tensors = pack_state(trainer_state or {})
         save_file(tensors, tmp/'trainer.safetensors')
         (tmp/'trainer.json').write_text(json.dumps(skel))
         (tmp/'config.json').write_text(json.dumps(config, indent=1))
         files = {p.name: {'bytes': p.stat().st_size, 'sha256': _sha256(p)} for p in sorted(tmp.iterdir())}
-        (tmp/'manifest.json').write_text(json.dumps({'format': CKPT_FORMAT, 'step': step, 'files': files}, indent=1))
+        man = {'format': CKPT_FORMAT, 'step': step, 'finite': True, 'files': files}  # checked above
+        (tmp/'manifest.json').write_text(json.dumps(man, indent=1))
         for p in tmp.iterdir():
             with open(p, 'rb') as f: os.fsync(f.fileno())
         if final.exists(): shutil.rmtree(final)
@@ -107,11 +121,28 @@ def verify_checkpoint(path) -> dict:
             raise ValueError(f"Checkpoint {path} is corrupted: {name} does not match its checksum; resume from an earlier checkpoint.")
     return man
 
+def nonfinite_in(path) -> str | None:
+    "'file/key' of the first tensor of checkpoint `path` that is not finite, else None."
+    path = Path(path)
+    if json.loads((path/'manifest.json').read_text()).get('finite'): return None  # checked
+    from safetensors import safe_open
+    for f in sorted(path.glob('*.safetensors')):
+        with safe_open(str(f), 'pt') as st:
+            bad = first_nonfinite({f.stem: {k: st.get_tensor(k) for k in st.keys()}})
+        if bad: return bad
+    return None
+
 def latest_checkpoint(out_dir) -> Path | None:
-    "The newest checkpoint under out_dir that verifies; damaged newer ones are skipped with a warning."
+    "The newest checkpoint under out_dir that verifies and is finite; others are skipped, warning."
     for p in reversed(list_checkpoints(out_dir)):
-        try: verify_checkpoint(p); return p
-        except (ValueError, FileNotFoundError) as e: warnings.warn(f"Skipping {p.name}: {e}")
+        try: verify_checkpoint(p)
+        except (ValueError, FileNotFoundError) as e:
+            warnings.warn(f"Skipping {p.name}: {e}")
+            continue
+        bad = nonfinite_in(p)
+        if bad is None: return p
+        warnings.warn(f"Skipping {p.name}: {bad} holds NaN or inf (written before the NaN guard "
+                      f"checked it); resuming from an earlier checkpoint.")
     return None
 
 def load_checkpoint(path, model_cfg=None) -> dict:  # model_cfg: the ModelConfig the weights must fit

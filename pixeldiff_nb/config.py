@@ -6,6 +6,7 @@
 from __future__ import annotations
 import copy, dataclasses, difflib, json
 from dataclasses import dataclass, field, asdict
+from pathlib import Path
 from typing import Callable
 
 from .model import ModelConfig, model_config
@@ -15,8 +16,9 @@ from .repa import RepaConfig
 from .muon import OptimConfig
 
 # %% auto #0
-__all__ = ['PRESETS', 'DataConfig', 'LossConfig', 'StageConfig', 'RunConfig', 'config_to_dict', 'config_from_dict',
-           'apply_overrides', 'register_preset', 'preset_cpu', 'get_preset', 'repa_on', 'validate_run']
+__all__ = ['PRESETS', 'PRESET_MODULES', 'RESUME_CHANGEABLE', 'DataConfig', 'LossConfig', 'StageConfig', 'RunConfig',
+           'config_to_dict', 'config_from_dict', 'apply_overrides', 'register_preset', 'preset_cpu', 'preset_names',
+           'get_preset', 'resume_changes', 'repa_on', 'validate_run']
 
 # %% ../nbs/10b_config.ipynb #de5a5fd5
 @dataclass
@@ -87,6 +89,7 @@ class RunConfig:
                                                            'grinning face with big eyes', 'sparkling heart', 'cloud', 'ghost'])
     ckpt_every: int = 500
     keep_last: int = 3
+    max_skips: int = 3                    # stop after this many non-finite steps in a row
 
     @property
     def total_steps(self) -> int: return sum(s.steps for s in self.stages)
@@ -133,25 +136,138 @@ def _parse(text: str):
     if low in ('none', 'null'): return None
     if low in ('true', 'false'): return low == 'true'
     try: return ast.literal_eval(text)
-    except (ValueError, SyntaxError): return text
+    except (ValueError, SyntaxError, MemoryError, RecursionError): pass
+    t = text.strip()
+    if t.startswith('[') and t.endswith(']'):               # [text,caption]: a list of bare words
+        return [_parse(x) for x in t[1:-1].split(',') if x.strip()]
+    return text
+
+_KINDS = {int: 'an integer', float: 'a float', bool: 'true or false', str: 'a string',
+          list: 'a list', tuple: 'a list', dict: 'a dict'}
+_EXAMPLES = {int: '8', float: '0.5', bool: 'true', str: 'NAME', list: '[a,b]', tuple: '[1,2]',
+             dict: "{'a':1}"}
+
+def _allowed(hint) -> tuple:
+    "The plain types a field annotation admits, e.g. `int | None` -> (int, NoneType)."
+    import typing, types
+    if typing.get_origin(hint) in (typing.Union, types.UnionType): return typing.get_args(hint)
+    return (typing.get_origin(hint) or hint,)
+
+def _as_float(val):
+    "A finite float from a number or a string, else None."
+    import math
+    if isinstance(val, bool) or not isinstance(val, (int, float, str)): return None
+    try: f = float(val)
+    except ValueError: return None
+    return f if math.isfinite(f) else None
+
+def _numbers(val, like: tuple) -> bool:
+    "Whether `val` can stand for the fixed-length tuple `like`: as many numbers."
+    return len(val) == len(like) and all(isinstance(v, (int, float)) for v in val)
+
+def _coerce(key: str, text: str, hint, cur):
+    "`text` as a value of the field's type, or a one-line ValueError saying what is expected."
+    kinds = [t for t in _allowed(hint) if t is not type(None)]
+    nullable = type(None) in _allowed(hint)
+    val = _parse(text)
+    if val is None and nullable: return None
+    for t in kinds:
+        if t is bool and isinstance(val, bool): return val
+        if t is int and isinstance(val, int) and not isinstance(val, bool): return val
+        if t is float and _as_float(val) is not None: return _as_float(val)
+        if t is str and val is not None: return text
+        if t is dict and isinstance(val, dict): return val
+        if t in (list, tuple) and isinstance(val, (list, tuple)):
+            if isinstance(cur, tuple) and not _numbers(val, cur): continue
+            return t(val)
+    what = ' or '.join(_KINDS.get(t, t.__name__) for t in kinds) + (' or none' if nullable else '')
+    if isinstance(cur, float): what = what.replace('a float', 'a finite float')
+    if isinstance(cur, tuple): what = f'a list of {len(cur)} numbers'
+    eg = _format(cur) if cur is not None else _EXAMPLES.get(kinds[0], 'VALUE')
+    raise ValueError(f"{key}={text}: expected {what}, e.g. {key}={eg}")
+
+def _format(v) -> str:
+    "A value as it would be typed on the command line."
+    if isinstance(v, bool): return str(v).lower()
+    if isinstance(v, tuple): v = list(v)
+    if isinstance(v, (list, dict)): return json.dumps(v).replace(' ', '')
+    return str(v)
+
+_RANGES = {  # CLI key pattern -> (low, high, high included); for overrides and validate_run
+    'optim.lr': (0, None, 0), 'optim.muon_lr': (0, None, 0), 'optim.adam_lr': (0, None, 0),
+    'optim.weight_decay': (0, None, 0), 'optim.momentum': (0, 1, 0), 'optim.ns_steps': (1, None, 0),
+    'stages.*.steps': (1, None, 0), 'stages.*.image_size': (1, None, 0),
+    'stages.*.global_batch': (1, None, 0), 'stages.*.micro_batch': (1, None, 0),
+    'stages.*.warmup': (0, None, 0), 'warmup': (0, None, 0), 'grad_clip': (0, None, 0),
+    'ema_decay': (0, 1, 1), 'ema_every': (1, None, 0), 'max_skips': (1, None, 0),
+    'log_every': (0, None, 0), 'val_every': (0, None, 0), 'sample_every': (0, None, 0),
+    'ckpt_every': (0, None, 0), 'keep_last': (0, None, 0), 'val_batches': (0, None, 0),
+    'sample_steps': (1, None, 0), 'data.val_fraction': (0, 1, 0), 'data.num_workers': (0, None, 0),
+    'model.depth': (1, None, 0), 'model.hidden': (1, None, 0), 'model.heads': (1, None, 0),
+    'model.patch': (1, None, 0), 'diffusion.caption_dropout': (0, 1, 1)}
+
+_CHOICES = {'precision': ('auto', 'bf16', 'no'), 'optim.kind': ('muon', 'adamw'),
+            'data.text_dtype': ('fp32', 'bf16'), 'diffusion.prediction': ('x', 'eps', 'v'),
+            'optim.assignment': ('round_robin', 'balanced')}
+
+def _check_range(key: str, v, shown: str | None = None):
+    "A one-line ValueError when CLI key `key` holds a value outside its known range or choices."
+    import fnmatch
+    shown = shown or _format(v)
+    if key in _CHOICES and v not in _CHOICES[key]:
+        opts = _CHOICES[key]
+        raise ValueError(f"{key}={shown}: expected one of {', '.join(opts)}, e.g. {key}={opts[0]}")
+    rng = next((r for k, r in _RANGES.items() if fnmatch.fnmatchcase(key, k)), None)
+    if rng is None or isinstance(v, bool) or not isinstance(v, (int, float)): return
+    lo, hi, closed = rng
+    if v >= lo and (hi is None or v < hi or (closed and v == hi)): return
+    span = f'>= {lo}' if hi is None else f"in [{lo}, {hi}{']' if closed else ')'}"
+    kind = 'a float' if isinstance(v, float) else 'an integer'
+    raise ValueError(f"{key}={shown}: expected {kind} {span}")
+
+def _field_owner(cfg, key: str):
+    "(object holding the field, field name, its annotation) for CLI key `key`."
+    import typing
+    *path, last = key.split('.')
+    obj = cfg
+    for p in path: obj = obj[int(p)] if isinstance(obj, list) else getattr(obj, p)
+    return obj, last, typing.get_type_hints(type(obj))[last]
+
+def _unknown_key(cfg, key: str, valid: list) -> ValueError:
+    "The error for a key that is not in the config: a missing stage, or the closest valid keys."
+    n, parts = len(cfg.stages), key.split('.')
+    if parts[0] == 'stages' and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= n:
+        return ValueError(f"{key}: this preset has {n} stage(s), stages.0..stages.{n - 1}; "
+                          f"change an existing stage.")
+    return ValueError(f"Unknown config key '{key}'{_suggest(key, valid)}; valid keys are listed by "
+                      f"`pixeldiff-train --show-config`.")
 
 def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
-    "A copy of `cfg` with `key=value` overrides applied (dotted paths; list items by index)."
+    "A copy of `cfg` with `key=value` overrides (dotted paths, list items by index), each checked."
     cfg = copy.deepcopy(cfg)
     valid = _flat_keys(cfg)
     for item in overrides:
         if '=' not in item:
             raise ValueError(f"Override '{item}' is not of the form key=value (e.g. stages.0.steps=200).")
         key, text = item.split('=', 1)
-        if key not in valid:
-            raise ValueError(f"Unknown config key '{key}'{_suggest(key, valid)}; valid keys are listed by `pixeldiff-train --show-config`.")
-        *path, last = key.split('.')
-        obj = cfg
-        for p in path: obj = obj[int(p)] if isinstance(obj, list) else getattr(obj, p)
-        setattr(obj, last, _from_value(getattr(obj, last), _parse(text)))
-    for sub in (cfg.model, cfg.tread, cfg.repa):
-        if hasattr(sub, '__post_init__'): sub.__post_init__()
+        if key not in valid: raise _unknown_key(cfg, key, valid)
+        obj, last, hint = _field_owner(cfg, key)
+        val = _coerce(key, text, hint, getattr(obj, last))
+        _check_range(key, val, text)
+        setattr(obj, last, val)
+    for name in ('model', 'tread', 'repa'):                 # their own checks, worded with CLI keys
+        sub = getattr(cfg, name)
+        try:
+            if hasattr(sub, '__post_init__'): sub.__post_init__()
+        except ValueError as e: raise ValueError(_cli_words(str(e), name, sub)) from None
     return cfg
+
+def _cli_words(msg: str, name: str, sub) -> str:
+    "A sub-config's message with its field names as CLI keys (`hidden=` -> `model.hidden=`)."
+    import re
+    fields = '|'.join(f.name for f in dataclasses.fields(sub))
+    out, n = re.subn(rf'(?<![\w.])({fields})(?=[=\s(])', rf'{name}.\1', msg)
+    return out if n else f'{name}: {msg}'
 
 # %% ../nbs/10b_config.ipynb #00b8a25f
 PRESETS: dict[str, Callable[[], RunConfig]] = {}
@@ -174,14 +290,57 @@ def preset_cpu() -> RunConfig:
         warmup=100, grad_clip=1.0, ema_decay=0.99, ema_every=1,
         log_every=10, val_every=150, sample_every=150, ckpt_every=300)
 
+PRESET_MODULES = ('pixeldiff_nb.launch',)   # other presets: `gpu` and `speedrun` in 12_launch
+
+def preset_names() -> list[str]:
+    "Every preset: this module's and those registered by PRESET_MODULES (imported here)."
+    import importlib
+    for m in PRESET_MODULES: importlib.import_module(m)
+    registry = importlib.import_module('pixeldiff_nb.config').PRESETS   # this dict, or the module's
+    for k, fn in registry.items(): PRESETS.setdefault(k, fn)              # (when run in the notebook)
+    return sorted(PRESETS)
+
 def get_preset(name: str, overrides=()) -> RunConfig:
     "The preset `name` with `key=value` overrides applied."
-    if name not in PRESETS:
-        import importlib, importlib.util   # the `gpu` and `speedrun` presets live in 12_launch, which builds on this module
-        if importlib.util.find_spec('pixeldiff_nb.launch'): importlib.import_module('pixeldiff_nb.launch')
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset '{name}'{_suggest(name, PRESETS)}: choose one of {sorted(PRESETS)}.")
+    names = PRESETS if name in PRESETS else preset_names()
+    if name not in names:
+        raise ValueError(f"Unknown preset '{name}'{_suggest(name, names)}: "
+                         f"choose one of {', '.join(sorted(names))}.")
     return apply_overrides(PRESETS[name](), overrides)
+
+RESUME_CHANGEABLE = (  # CLI keys a resumed run may change, from the resumed step on
+    'optim.lr', 'optim.muon_lr', 'optim.adam_lr', 'optim.weight_decay', 'warmup', 'stages.*.steps',
+    'stages.*.warmup', 'grad_clip', 'ema_every', 'ema_decay', 'max_skips', 'log_every',
+    'ckpt_every', 'val_every', 'val_batches', 'sample_every', 'sample_steps', 'sample_prompts',
+    'keep_last', 'trackers', 'out_dir', 'preset', 'precision', 'compile', 'data.num_workers',
+    'data.text_cache')
+
+def _dotted(d: dict, prefix: str = '') -> dict:
+    "A config dict as {CLI key: value}; the list of stages is opened, other lists are values."
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != 'caption_columns': out.update(_dotted(v, f'{prefix}{k}.'))
+        elif k == 'stages':
+            for i, st in enumerate(v): out.update(_dotted(st, f'stages.{i}.'))
+        else: out[prefix + k] = v
+    return out
+
+def resume_changes(saved: dict, cfg: RunConfig) -> list[tuple]:
+    "(key, saved, now) for each key `cfg` changes against a saved config; refused in one line."
+    import fnmatch
+    n_saved, n = len(saved.get('stages', [])), len(cfg.stages)
+    if n_saved != n:
+        raise ValueError(f"The checkpoint's run has {n_saved} stage(s) and this one {n}: stages "
+                         f"cannot be added or removed on resume; start a new out_dir.")
+    old, now = _dotted(saved), _dotted(config_to_dict(cfg))
+    changed = [(k, old[k], now[k]) for k in now if k in old and old[k] != now[k]]
+    may = lambda k: any(fnmatch.fnmatchcase(k, p) for p in RESUME_CHANGEABLE)
+    fixed = [(k, o, n) for k, o, n in changed if not may(k)]
+    if fixed:
+        what = '; '.join(f'{k}={_format(n)} (the checkpoint has {_format(o)})' for k, o, n in fixed)
+        raise ValueError(f"Cannot change on resume: {what}. Drop the override(s), or start a new "
+                         f"out_dir.")
+    return changed
 
 def repa_on(cfg: RunConfig) -> bool:
     "Whether the run trains with REPA at all (some stage may still switch it off)."
@@ -189,12 +348,20 @@ def repa_on(cfg: RunConfig) -> bool:
 
 def validate_run(cfg: RunConfig, world_size: int = 1) -> RunConfig:
     "Raise a one-line error for an inconsistent config, before any data or weights are loaded."
+    for key in _flat_keys(cfg):
+        obj, last, _ = _field_owner(cfg, key)
+        _check_range(key, getattr(obj, last))
     d = cfg.model.depth
     if repa_on(cfg) and not 0 <= cfg.repa.layer < d:
         raise ValueError(f"repa.layer={cfg.repa.layer} is beyond the model's depth {d}: set repa.layer to 0..{d - 1}.")
     if cfg.tread.enabled and cfg.tread.rate > 0 and not 0 <= cfg.tread.start <= cfg.tread.end < d:
         raise ValueError(f"TREAD span {cfg.tread.start}..{cfg.tread.end} does not fit depth {d}: set tread.start/tread.end within 0..{d - 1}.")
     if not cfg.stages: raise ValueError("The run has no stages: give at least one StageConfig.")
+    src = cfg.data.source
+    local = isinstance(src, str) and src.startswith(('/', './', '../', '~'))
+    if local and not Path(src).expanduser().exists():
+        raise ValueError(f"data source {src} does not exist: set data.source to a local folder of "
+                         f"images and captions, a hub id, or none (the bundled samples).")
     for i, s in enumerate(cfg.stages):
         micro = s.micro_batch or s.global_batch // max(world_size, 1)
         if micro < 1 or s.global_batch % (world_size * micro):

@@ -16,8 +16,9 @@ from .core import to_rgb, data_samples_dir, quiet_hf
 
 # %% auto #0
 __all__ = ['SHAPE_COLORS', 'BACKGROUNDS', 'SHAPES', 'POSITIONS', 'SIZES', 'NUMBERS', 'IMAGE_COLUMNS', 'CAPTION_COLUMNS',
-           'shapes_sample', 'shapes_dataset', 'ImageTextData', 'as_image_text', 'load_image_text', 'DataReport',
-           'open_image', 'decode_image', 'prepare_image', 'choose_caption', 'train_val_split', 'mix_image_text']
+           'shapes_sample', 'shapes_dataset', 'ImageTextData', 'as_image_text', 'load_image_text', 'read_metadata',
+           'DataReport', 'open_image', 'decode_image', 'prepare_image', 'choose_caption', 'train_val_split',
+           'mix_image_text']
 
 # %% ../nbs/01_data.ipynb #c81e39d3
 SHAPE_COLORS = {'red': (220, 40, 40), 'green': (40, 160, 70), 'blue': (40, 90, 220), 'yellow': (240, 200, 40),
@@ -99,12 +100,14 @@ class ImageTextData:
     caption_columns: list
     caption_weights: list
     source: str = ''
+    bad_lines: list = field(default_factory=list)            # 'file:line' of skipped metadata lines
     @property
     def streaming(self) -> bool: import datasets; return isinstance(self.ds, datasets.IterableDataset)
     def __len__(self): return len(self.ds)
     def select(self, indices) -> 'ImageTextData':
         "The same data restricted to rows `indices` (map-style)."
-        return ImageTextData(self.ds.select(indices), self.image_column, self.caption_columns, self.caption_weights, self.source)
+        return ImageTextData(self.ds.select(indices), self.image_column, self.caption_columns,
+                             self.caption_weights, self.source, self.bad_lines)
 
 def _ftype(f) -> str:
     "A short name for a `datasets` feature, or for a Python value of an untyped stream."
@@ -130,12 +133,19 @@ def as_image_text(ds, image_column=None, caption_columns=None, caption_weights=N
         image_column = next((k for k in cols if cols[k] == 'Image'), None) or \
                        next((k for k in IMAGE_COLUMNS if cols.get(k) in ('binary', 'large_binary')), None)
     if image_column is None or image_column not in cols:
-        raise ValueError(f"{source}: no usable image column (columns found: {found}); pass image_column=NAME")
-    if caption_columns is None:
-        caption_columns = [k for k in CAPTION_COLUMNS if cols.get(k) in ('string', 'large_string', 'list')]
+        raise ValueError(f"{source}: no usable image column (columns found: {found}); name it "
+                         f"'image' (Python: image_column=NAME)")
+    detected = [k for k in CAPTION_COLUMNS if cols.get(k) in ('string', 'large_string', 'list')]
+    caption_columns = detected if caption_columns is None else caption_columns
     caption_columns = [caption_columns] if isinstance(caption_columns, str) else list(caption_columns)
-    if not caption_columns or any(c not in cols for c in caption_columns):
-        raise ValueError(f"{source}: no usable caption column (columns found: {found}); pass caption_columns=[NAME, ...]")
+    missing = [c for c in caption_columns if c not in cols]
+    if missing and detected:               # a preset's columns on another folder: use what is there
+        print(f"{source}: caption columns {missing} not found; using {detected} "
+              f"(set data.caption_columns=[{','.join(detected)}] to choose)")
+        caption_columns, caption_weights = detected, None
+    if not caption_columns or missing and not detected:
+        raise ValueError(f"{source}: no usable caption column (columns found: {found}); set "
+                         f"data.caption_columns=[NAME,...] (Python: caption_columns=[NAME, ...])")
     w = [1.0]*len(caption_columns) if caption_weights is None else [float(x) for x in caption_weights]
     if len(w) != len(caption_columns) or min(w) < 0 or sum(w) <= 0:
         raise ValueError(f'caption_weights {caption_weights} must be {len(caption_columns)} non-negative numbers, not all zero')
@@ -161,15 +171,43 @@ def load_image_text(source=None, *, split: str = 'train', image_column=None, cap
         pq, tars = [str(f) for f in files if f.suffix == '.parquet'], [str(f) for f in files if f.suffix == '.tar']
         args = dict(split=split, streaming=bool(streaming), **kw)
         with quiet_hf():
+            bad = []
             if pq: ds = datasets.load_dataset('parquet', data_files={split: pq}, **args)
             elif tars: ds = datasets.load_dataset('webdataset', data_files={split: tars}, **args)
-            else: ds = datasets.load_dataset('imagefolder', data_dir=str(p), **args)
+            else:
+                rows, bad = read_metadata(p)           # malformed metadata lines: use the good rows
+                ds = (_rows_dataset(rows, streaming) if bad else
+                      datasets.load_dataset('imagefolder', data_dir=str(p), **args))
     else:                                                     # a hub id: streamed unless streaming=False
         if not hub_reachable():
             raise FileNotFoundError(f"'{src}' is not a local folder and the hub is unreachable: download it with "
                                     f"`hf download {src} --repo-type dataset --local-dir DIR` and pass DIR")
+        bad = []
         ds = datasets.load_dataset(str(src), split=split, streaming=streaming is None or streaming, **kw)
-    return as_image_text(ds, image_column, caption_columns, caption_weights, source=str(src))
+    data = as_image_text(ds, image_column, caption_columns, caption_weights, source=str(src))
+    data.bad_lines = bad
+    return data
+
+def read_metadata(folder) -> tuple[list, list]:
+    "Rows of every metadata.jsonl under `folder` (absolute image paths); 'file:line' of bad lines."
+    rows, bad = [], []
+    for f in sorted(Path(folder).rglob('metadata.jsonl')):
+        with open(f, encoding='utf-8', errors='replace') as fh:
+            for n, line in enumerate(fh, 1):                   # 1-based, as an editor shows them
+                if not line.strip(): continue
+                try: row = json.loads(line)
+                except ValueError: row = None
+                if not isinstance(row, dict) or not isinstance(row.get('file_name'), str):
+                    bad.append(f'{f}:{n}')
+                    continue
+                rows.append({'image': str(f.parent/row.pop('file_name')), **row})
+    return rows, bad
+
+def _rows_dataset(rows: list, streaming):
+    "A `datasets` dataset of image paths and metadata rows (what imagefolder gives for them)."
+    import datasets
+    ds = datasets.Dataset.from_list(rows).cast_column('image', datasets.Image())
+    return ds.to_iterable_dataset() if streaming else ds
 
 # %% ../nbs/01_data.ipynb #392fa7d8
 @dataclass
@@ -188,9 +226,24 @@ class DataReport:
         self.skipped.update(other.skipped); self.converted.update(other.converted)
         for k, v in other.examples.items(): self.examples[k] = (self.examples.get(k, []) + v)[:3]
         return self
+    def add_bad_lines(self, where: list) -> 'DataReport':
+        "Count malformed metadata lines ('file:line') as seen and skipped."
+        for w in where: self.seen += 1; self.skip('bad_metadata_line', w)
+        return self
+    def to_dict(self) -> dict:
+        "The counts as a JSON-ready dict (with the file:line of malformed metadata lines)."
+        d = {'seen': self.seen, 'used': self.used, 'skipped': dict(self.skipped),
+             'converted': dict(self.converted)}
+        where = self.examples.get('bad_metadata_line')
+        if where: d['bad_metadata_lines'] = list(where)
+        return d
     def summary(self) -> str:
         "One line: seen, used, skipped and converted counts."
-        sk = ', '.join(f'{k} {v}' for k, v in sorted(self.skipped.items())) or 'none'
+        def where(k):                                       # file:line of malformed metadata lines
+            if k != 'bad_metadata_line' or not self.examples.get(k): return ''
+            more = ', ...' if self.skipped[k] > 3 else ''
+            return f" ({', '.join(map(str, self.examples[k]))}{more})"
+        sk = ', '.join(f'{k} {v}{where(k)}' for k, v in sorted(self.skipped.items())) or 'none'
         cv = ', '.join(f'{k}→RGB {v}' for k, v in sorted(self.converted.items())) or 'none'
         return f'{self.seen} records seen, {self.used} used; skipped: {sk}; converted: {cv}'
 

@@ -27,9 +27,11 @@ from .repa import build_repa
 from .muon import build_optimizer
 from .training import (Callback, TrainModule, Objective, EMA, Learner, NaNGuardCB, EMACB, LogCB, ProgressCB,
                                    ValidationCB, SampleCB, CheckpointCB, unwrap, generate, plot_log)
+from .training import CancelFitException
 from .checkpoints import save_checkpoint, load_checkpoint, latest_checkpoint, _contig
+from .checkpoints import list_checkpoints, nonfinite_in
 from .config import (PRESETS, RunConfig, StageConfig, config_to_dict, config_from_dict, get_preset, repa_on,
-                                 validate_run)
+                                 validate_run, preset_names, resume_changes)
 
 # %% auto #0
 __all__ = ['train_state', 'load_train_state', 'TrackerCB', 'rng_states', 'set_rng_states', 'Run', 'all_captions',
@@ -232,21 +234,36 @@ class Run:
         model_sd, opt_sd, ema_sd = train_state(self.model, self.opt, self.ema)
         mine = [{'data': self._loader.state_dict(), 'rng': rng_states()}]          # each process has its own data position
         ranks = gather_object(mine) if self.acc.num_processes > 1 else mine
+        refused = [None]
         if self.acc.is_main_process:
             part = lambda pre: {k[len(pre):]: v for k, v in model_sd.items() if k.startswith(pre)}
             state = {'step': learn.step, 'stage': self.stage_index(max(learn.step - 1, 0)), 'optimizer': opt_sd,
                      'scheduler': self.sched.state_dict(), 'data': [r['data'] for r in ranks], 'rng': [r['rng'] for r in ranks]}
-            save_checkpoint(self.out, learn.step, model_sd=part('net.'), ema_sd=ema_sd, extra_sd=part('repa_head.') or None,
-                            trainer_state=state, config=config_to_dict(self.cfg), keep_last=self.cfg.keep_last)
-        self.acc.wait_for_everyone()
+            try: save_checkpoint(self.out, learn.step, model_sd=part('net.'), ema_sd=ema_sd,
+                                 extra_sd=part('repa_head.') or None, trainer_state=state,
+                                 config=config_to_dict(self.cfg), keep_last=self.cfg.keep_last)
+            except FloatingPointError as e: refused = [str(e)]      # not finite: nothing written
+        if self.acc.num_processes > 1:                                # every process stops, or none
+            from accelerate.utils import broadcast_object_list
+            broadcast_object_list(refused)
+        if refused[0]: learn.failed = refused[0]; raise CancelFitException()
 
     def resume(self, which: str):
         "Restore everything from checkpoint `which` ('latest' or a path) so that training continues exactly."
         path = latest_checkpoint(self.out) if which == 'latest' else Path(which)
         if path is None:
-            if which == 'latest': return                            # nothing saved yet: a fresh start
-            raise FileNotFoundError(f"No checkpoint found under {self.out}/checkpoints: start without --resume.")
+            n = len(list_checkpoints(self.out))
+            if which == 'latest' and not n: return                # nothing saved yet: a fresh start
+            raise FileNotFoundError(f"None of the {n} checkpoints under {self.out}/checkpoints "
+                                    f"can be resumed (damaged or not finite, see the warnings): "
+                                    f"start a new out_dir.")
         ck = load_checkpoint(path, self.cfg.model)
+        if nonfinite_in(path):
+            raise ValueError(f"{path} holds NaN or inf ({nonfinite_in(path)}): resume from an "
+                             f"earlier checkpoint or --resume latest.")
+        changes = resume_changes(ck['config'], self.cfg)  # one line naming keys that may not change
+        groups = self.opt.param_groups
+        fresh = [(b, g.get('weight_decay')) for b, g in zip(self.sched.base_lrs, groups)]
         tr, n = ck['trainer'], len(ck['trainer']['data'])
         if n != self.acc.num_processes:
             raise ValueError(f"{path} was written by {n} processes and this run has {self.acc.num_processes}: resume with "
@@ -258,11 +275,29 @@ class Run:
         set_rng_states(tr['rng'][self.rank])
         self.step, self.data_state, self.stage_of_state = ck['step'], tr['data'][self.rank], tr['stage']
         if self.acc.is_main_process: print(f'resumed from {path} at step {self.step}')
+        self.apply_changes(changes, fresh)
+
+    def apply_changes(self, changes: list, fresh: list):
+        "Once optimizer and schedule are restored: put in the changed lr settings; log each."
+        if any(k.startswith(('optim.', 'stages.')) or k == 'warmup' for k, _, _ in changes):
+            self.sched.base_lrs = [b for b, _ in fresh]
+            for g, (b, wd) in zip(self.opt.param_groups, fresh):
+                g['initial_lr'], g['lr'] = b, b * self.lr_factor(self.sched.last_epoch)   # next lr
+                if wd is not None: g['weight_decay'] = wd
+        for k, old, new in changes:                # the rest is read from self.cfg as training goes
+            if self.acc.is_main_process and k not in ('out_dir', 'preset'):
+                print(f'resume: {k} changed from {old} to {new}, applied from step {self.step}')
+
+    def data_report(self):
+        "This stage's data counts on this process (its loader's) and records dropped at loading."
+        from pixeldiff_nb.data import DataReport
+        bad = getattr(self.train_data, 'bad_lines', [])
+        return DataReport().merge(self._loader.report).add_bad_lines(bad)
 
     def callbacks(self, k: int) -> list:
         cfg, st = self.cfg, self.cfg.stages[k]
         H = W = st.image_size
-        cbs = [NaNGuardCB(), EMACB(self.ema),
+        cbs = [NaNGuardCB(cfg.max_skips), EMACB(self.ema),
                LogCB(self.out/'log.jsonl', cfg.log_every, tokens_per_image=(H // cfg.model.patch) * (W // cfg.model.patch)),
                CheckpointCB(self.save, cfg.ckpt_every)]
         vb = [] if self.sharded else self.val_batches(k)
@@ -291,9 +326,11 @@ class Run:
             self.learn = Learner(self.model, self.objective(k), self.opt, self.batches(self._loader), sched=self.sched,
                                  cbs=self.callbacks(k) + list(extra_cbs), accelerator=self.acc, grad_clip=self.cfg.grad_clip,
                                  accum=accum, step=self.step)
-            self.learn.stage = k
+            self.learn.stage, self.learn.data_summary = k, lambda: self.data_report().to_dict()
             self.learn.fit(self.starts[k + 1] - self.step)
             self.step = self.learn.step
+            if self.acc.is_main_process:
+                print(f'stage {k} ({st.name}) data: {self.data_report().summary()}')
             if self.learn.failed: raise FloatingPointError(self.learn.failed)
         for t in self.acc.trackers: t.finish()
         return self.learn
@@ -352,14 +389,19 @@ def train_cli(argv=None):
     import argparse
     p = argparse.ArgumentParser(prog='pixeldiff-train', description='Train a pixel-space PRX denoiser from a preset.')
     p.add_argument('overrides', nargs='*', help='config overrides as key=value, e.g. stages.0.steps=200 optim.lr=1e-3')
-    p.add_argument('--preset', default='cpu', help=f'one of: {", ".join(sorted(PRESETS))}')
+    p.add_argument('--preset', default='cpu', help=f'one of: {", ".join(preset_names())}')
     p.add_argument('--resume', default=None, help="'latest' or a checkpoint folder")
     p.add_argument('--show-config', action='store_true', help='print the full config (all valid keys) and exit')
+    p.error = lambda msg: p.exit(2, f'pixeldiff-train: error: {msg} (see pixeldiff-train --help)\n')
     a = p.parse_args(argv)
     try:
         cfg = get_preset(a.preset, a.overrides)
         if a.show_config: print(json.dumps(config_to_dict(cfg), indent=1)); return 0
         validate_run(cfg, int(os.environ.get('WORLD_SIZE', 1)))
+        if a.resume not in (None, 'latest') and not (Path(a.resume)/'manifest.json').exists():
+            raise ValueError(f"--resume {a.resume}: no checkpoint there (no manifest.json); pass a "
+                             f"folder such as {cfg.out_dir}/checkpoints/step-00000300, or "
+                             f"--resume latest.")
     except ValueError as e: p.exit(2, f'pixeldiff-train: error: {e}\n')
     out = Path(cfg.out_dir).resolve()
     if int(os.environ.get('RANK', 0)) == 0: print(f'pixeldiff-train: writing to {out}', flush=True)

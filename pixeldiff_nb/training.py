@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_training.ipynb #83970dd9
 from __future__ import annotations
-import copy, hashlib, json, time
+import copy, hashlib, json, math, time
 from pathlib import Path
 from typing import Callable
 
@@ -110,7 +110,7 @@ class CancelStepException(Exception): "Skip the rest of this step."
 class CancelFitException(Exception): "Stop training now."
 
 class Callback:
-    "Base class: a callback defines any of before_fit, before_step, after_loss, after_backward, after_step, after_fit."
+    "Base class: any of before_fit/step, after_loss/backward, before_update, after_step/fit."
     order = 0
 
 class Learner:
@@ -160,7 +160,9 @@ class Learner:
             gn = acc.clip_grad_norm_(params, self.grad_clip) if acc is not None else nn.utils.clip_grad_norm_(params, self.grad_clip)
         else: gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.tensor(0.)
         self.grad_norm = float(gn.full_tensor() if hasattr(gn, 'full_tensor') else gn)   # FSDP2: a sharded norm
-        self.opt.step()
+        self.skip_update = False
+        self.callback('before_update')                          # the NaN guard may veto this update
+        if not self.skip_update: self.opt.step()
         if self.sched is not None: self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
@@ -179,14 +181,32 @@ def unwrap(model: nn.Module) -> nn.Module:
         else: return model
 
 class NaNGuardCB(Callback):
-    "Stop training at the first non-finite loss, before it reaches the weights or a checkpoint."
+    "Skip an update whose loss or grad norm is not finite (on any process); stop after `max_skips`."
     order = -10
+    def __init__(self, max_skips: int = 3, log=print):
+        self.max_skips, self.log, self.in_a_row, self.total = max_skips, log, 0, 0
+    def before_step(self): self.bad_loss = False
     def after_loss(self):
-        if not torch.isfinite(self.learn.loss.detach()).all():
-            parts = {k: v.item() for k, v in self.learn.parts.items()}
-            self.learn.failed = (f"Loss is not finite at step {self.learn.step} ({parts}): training stopped; the last good "
-                                 f"checkpoint is untouched. Lower optim.lr or raise grad_clip / warmup, then --resume latest.")
-            raise CancelFitException()
+        self.bad_loss = self.bad_loss or not bool(torch.isfinite(self.learn.loss.detach()).all())
+    def _any_rank(self, bad: bool) -> bool:
+        acc = self.learn.accelerator         # one rank's non-finite loss vetoes every rank's update
+        if acc is None or acc.num_processes == 1: return bad
+        return bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), 'sum').item() > 0)
+    def before_update(self):
+        L = self.learn
+        bad_loss = self._any_rank(self.bad_loss)
+        if not bad_loss and math.isfinite(L.grad_norm): self.in_a_row = 0; return
+        L.skip_update, self.in_a_row, self.total = True, self.in_a_row + 1, self.total + 1
+        L.skipped = self.total
+        what = f"loss {L.loss.item():.3g}, grad norm {L.grad_norm:.3g}"
+        if L.rank == 0: self.log(f"step {L.step + 1}: {what} is not finite: update skipped "
+                                 f"({self.in_a_row} in a row, {self.total} in this stage)")
+        if self.in_a_row < self.max_skips: return
+        first = L.step + 2 - self.in_a_row
+        L.failed = (f"{self.in_a_row} steps in a row ({first}..{L.step + 1}) were not finite "
+                    f"({what}); none was applied, and no checkpoint is written with NaN or inf. "
+                    f"Lower optim.lr or raise warmup / lower grad_clip, then --resume latest.")
+        raise CancelFitException()
 
 class EMACB(Callback):
     "Update an EMA of the denoiser after every optimizer step."
@@ -214,6 +234,8 @@ class LogCB(Callback):
         rec = {'step': L.step, **means, 'grad_norm': L.grad_norm,
                'lr': [g['lr'] for g in L.opt.param_groups], 'images_per_s': self.imgs / dt}
         if self.tokens: rec['tokens_per_s'] = self.imgs * self.tokens / dt
+        if getattr(L, 'skipped', 0): rec['skipped_steps'] = L.skipped       # refused updates
+        if L.step == L.stop_step and hasattr(L, 'data_summary'): rec['data'] = L.data_summary()
         if L.history['val'] and L.history['val'][-1][0] == L.step: rec['val'] = L.history['val'][-1][1]   # ValidationCB runs first
         L.history['step'].append(L.step); L.history['loss'].append(rec['loss'])
         if self.path is not None and L.rank == 0:

@@ -110,6 +110,34 @@ def test_load_imagefolder(imagefolder):
     assert b['pixels'].ndim == 4 and b['pixels'].shape[-2:] == b['bucket']
 
 
+def test_malformed_metadata_lines_are_skipped_and_counted(imagefolder, tmp_path, capsys):
+    d = tmp_path/'bad'
+    import shutil; shutil.copytree(imagefolder, d)
+    lines = (d/'metadata.jsonl').read_text().splitlines()
+    lines[2] = lines[2][:-7]                                         # a cut line: invalid JSON
+    lines[5] = '["a list, not a record"]'
+    (d/'metadata.jsonl').write_text('\n'.join(lines) + '\n')
+    data = D.load_image_text(d)
+    assert len(data) == 8 and data.caption_columns == ['caption', 'short_caption']
+    assert data.bad_lines == [f'{d/"metadata.jsonl"}:3', f'{d/"metadata.jsonl"}:6']
+    rep = D.DataReport().add_bad_lines(data.bad_lines)
+    assert rep.seen == 2 and rep.skipped == {'bad_metadata_line': 2}
+    assert f'bad_metadata_line 2 ({d/"metadata.jsonl"}:3, {d/"metadata.jsonl"}:6)' in rep.summary()
+    assert data.select([0, 1]).bad_lines == data.bad_lines and D.load_image_text(imagefolder).bad_lines == []
+    good = D.load_image_text(imagefolder)                            # the same columns and image paths as imagefolder gives
+    assert data.ds.features == good.ds.features
+    assert Path(data.ds[0]['image']['path']).relative_to(d) == Path(good.ds[0]['image']['path']).relative_to(imagefolder)
+    assert len(list(B.BucketLoader(data, 64, 16, 4, drop_last=False))) > 0
+
+
+def test_missing_caption_columns_fall_back_to_detected(imagefolder, capsys):
+    data = D.load_image_text(imagefolder, caption_columns=['text', 'caption_long'], caption_weights=[0.5, 0.5])
+    out = capsys.readouterr().out
+    assert data.caption_columns == ['caption', 'short_caption'] and data.caption_weights == [1.0, 1.0]
+    assert "caption columns ['text', 'caption_long'] not found; using ['caption', 'short_caption']" in out
+    assert 'set data.caption_columns=[caption,short_caption]' in out and len(out.strip().splitlines()) == 1
+
+
 def test_load_parquet_and_stream(tmp_path):
     ds = mixed_shapes(32)
     for k in range(4): ds.shard(4, k).to_parquet(str(tmp_path/f'p{k}.parquet'))
@@ -152,7 +180,8 @@ def test_load_webdataset(tmp_path):
 
 def test_no_usable_column_errors():
     ds = datasets.Dataset.from_dict({'image': [Image.new('RGB', (8, 8))], 'label': [1]}).cast_column('image', datasets.Image())
-    with pytest.raises(ValueError, match=r'no usable caption column \(columns found: image \(Image\), label \(int64\)\)'):
+    with pytest.raises(ValueError, match=r'no usable caption column \(columns found: image \(Image\), label \(int64\)\); '
+                                         r'set data.caption_columns'):
         D.as_image_text(ds)
     with pytest.raises(ValueError, match=r'no usable image column \(columns found: text \(string\), n \(int64\)\)'):
         D.as_image_text(datasets.Dataset.from_dict({'text': ['a'], 'n': [1]}))

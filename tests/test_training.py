@@ -81,7 +81,11 @@ def test_overrides_and_validation():
     with pytest.raises(ValueError, match='image_size=60 is not divisible by the patch size 8'): validate_run(get_preset('cpu', ['stages.0.image_size=60']))
     with pytest.raises(ValueError, match='not divisible by 3 processes'): validate_run(get_preset('cpu'), world_size=3)
     with pytest.raises(ValueError, match='repa.layer=8 is beyond'): validate_run(get_preset('cpu', ['repa.weight=0.5', 'repa.layer=8']))
-    with pytest.raises(ValueError, match='must satisfy 0 <= start <= end'): get_preset('cpu', ['tread.start=5', 'tread.end=2'])
+    with pytest.raises(ValueError, match='must satisfy 0 <= tread.start <= tread.end'): get_preset('cpu', ['tread.start=5', 'tread.end=2'])
+    with pytest.raises(ValueError, match='optim.lr=abc: expected a finite float, e.g. optim.lr=0.002'): get_preset('cpu', ['optim.lr=abc'])
+    with pytest.raises(ValueError, match='optim.lr=-0.001: expected a float >= 0'): validate_run(get_preset('cpu', ['optim.lr=-0.001']))
+    cfg = get_preset('cpu', ['data.caption_columns=[text]', 'model.bottleneck=none', 'optim.betas=[0.8,0.9]', 'data.source=123'])
+    assert (cfg.data.caption_columns, cfg.model.bottleneck, cfg.optim.betas, cfg.data.source) == (['text'], None, (0.8, 0.9), '123')
 
 
 @pytest.fixture(scope='module')
@@ -96,6 +100,8 @@ def test_run_writes_log_checkpoints_and_resumes_exactly(micro_run):
     assert [p.name for p in list_checkpoints(d/'full')] == ['step-00000002', 'step-00000004']
     recs = [json.loads(l) for l in (d/'full'/'log.jsonl').read_text().splitlines()]
     assert [r['step'] for r in recs] == [2, 4] and 'val' in recs[-1] and 'tokens_per_s' in recs[-1]
+    data = recs[-1]['data']                                         # the stage's data summary ends the stage
+    assert data['seen'] >= data['used'] > 0 and data['skipped'] == {} and set(data) >= {'converted'}
     assert (d/'full'/'loss.png').exists() and json.loads((d/'full'/'config.json').read_text())['model']['depth'] == 2
     train(get_preset('cpu', MICRO + [f'out_dir={d}/cut', 'stages.0.steps=2']), progress=False)
     resumed = train(get_preset('cpu', MICRO + [f'out_dir={d}/cut']), resume='latest', progress=False)
@@ -112,15 +118,84 @@ def test_resume_from_another_model_size_fails(micro_run):
         Run(get_preset('cpu', MICRO + [f'out_dir={d}/full', 'model.depth=3']), resume='latest', progress=False)
 
 
-def test_nan_stops_run_and_keeps_last_good_checkpoint(micro_run, tmp_path):
+@pytest.mark.parametrize('max_skips,msg', [
+    (2, r'2 steps in a row \(5\.\.6\) were not finite \(loss nan, grad norm nan\); none was applied'),
+    (3, r'Not writing checkpoint step-00000006: model/blocks\.0\.mod\.bias holds NaN or inf')])
+def test_nan_is_skipped_then_stops_and_keeps_last_good_checkpoint(micro_run, tmp_path, max_skips, msg, capsys):
     d, _ = micro_run
     out = tmp_path/'nan'
     shutil.copytree(d/'full', out)
-    run = Run(get_preset('cpu', MICRO + [f'out_dir={out}', 'stages.0.steps=8']), resume='latest', progress=False)
-    with torch.no_grad(): unwrap(run.model).net.blocks[0].mod.bias[0] = float('nan')
-    with pytest.raises(FloatingPointError, match='Loss is not finite at step 4'): run.fit()
+    run = Run(get_preset('cpu', MICRO + [f'out_dir={out}', 'stages.0.steps=8', f'max_skips={max_skips}']), resume='latest',
+              progress=False)
+    with torch.no_grad(): unwrap(run.model).net.blocks[0].mod.bias[0] = float('nan')     # poison a weight directly
+    with pytest.raises(FloatingPointError, match=msg): run.fit()
+    assert 'step 5: loss nan, grad norm nan is not finite: update skipped (1 in a row' in capsys.readouterr().out
     ck = load_checkpoint(latest_checkpoint(out))
     assert ck['step'] == 4 and all(torch.isfinite(v).all() for v in ck['model'].values())
+
+
+def test_huge_lr_never_reaches_weights_or_checkpoints_and_resumes(tmp_path, capsys):
+    "lr=1e6: the grad norm turns NaN while the loss is still finite; no such update is applied or saved."
+    out = tmp_path/'lr'
+    argv = MICRO + [f'out_dir={out}', 'optim.lr=1e6', 'warmup=1', 'ckpt_every=1', 'val_every=0', 'stages.0.steps=6']
+    with pytest.raises(SystemExit) as e: train_cli(argv)
+    io = capsys.readouterr()
+    assert e.value.code == 1 and 'steps in a row' in io.err and 'none was applied, and no checkpoint is written with NaN or inf' in io.err
+    assert 'grad norm nan is not finite: update skipped' in io.out
+    recs = [json.loads(l) for l in (out/'log.jsonl').read_text().splitlines()]
+    assert any(math.isfinite(r['loss']) and not math.isfinite(r['grad_norm']) for r in recs)   # the case the loss alone misses
+    assert recs[-1]['skipped_steps'] >= 1
+    for p in list_checkpoints(out):
+        ck = load_checkpoint(p)
+        assert all(torch.isfinite(v).all() for part in ('model', 'ema') for v in ck[part].values()), p.name
+    last = latest_checkpoint(out)
+    with pytest.raises(SystemExit): train_cli(argv[:-1] + ['stages.0.steps=8', 'optim.lr=1e-3', '--resume', 'latest'])
+    io = capsys.readouterr()
+    assert f'resumed from {last} at step {int(last.name[5:])}' in io.out
+    assert 'resume: optim.lr changed from 1000000.0 to 0.001' in io.out
+    assert json.loads((out/'log.jsonl').read_text().splitlines()[-1])['step'] > int(last.name[5:])   # it went on
+
+
+def test_nonfinite_checkpoint_is_never_written_and_never_picked(tmp_path):
+    net = PRXDenoiser(model_config('tiny', depth=1))
+    cfg = {'model': json.loads(json.dumps(__import__('dataclasses').asdict(net.cfg)))}
+    save_checkpoint(tmp_path, 1, model_sd=net.state_dict(), config=cfg)
+    bad = {k: v.clone() for k, v in net.state_dict().items()}
+    k = next(k for k, v in bad.items() if v.ndim == 2)
+    bad[k][0, 0] = float('inf')
+    with pytest.raises(FloatingPointError, match=f'Not writing checkpoint step-00000002: model/{k} holds NaN or inf'):
+        save_checkpoint(tmp_path, 2, model_sd=bad, config=cfg)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ['step-00000001']
+    old = save_checkpoint(tmp_path, 3, model_sd=net.state_dict(), config=cfg)       # one written before the check existed
+    from safetensors.torch import save_file
+    from pixeldiff_nb.checkpoints import _sha256
+    save_file(bad, old/'model.safetensors')
+    man = json.loads((old/'manifest.json').read_text()); man.pop('finite')
+    man['files']['model.safetensors'] = {'bytes': (old/'model.safetensors').stat().st_size, 'sha256': _sha256(old/'model.safetensors')}
+    (old/'manifest.json').write_text(json.dumps(man))
+    with pytest.warns(UserWarning, match=f'Skipping step-00000003: model/{k} holds NaN or inf'):
+        assert latest_checkpoint(tmp_path).name == 'step-00000001'
+    shutil.rmtree(tmp_path/'checkpoints'/'step-00000001')                            # only the poisoned one is left
+    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match='None of the 1 checkpoints .* can be resumed'):
+        Run(get_preset('cpu', MICRO + [f'out_dir={tmp_path}']), resume='latest', progress=False)   # never a silent fresh start
+
+
+def test_resume_applies_changed_lr_and_refuses_a_fixed_key(micro_run, tmp_path, capsys):
+    d, _ = micro_run
+    out = tmp_path/'lr'
+    shutil.copytree(d/'full', out)
+    run = train(get_preset('cpu', MICRO + [f'out_dir={out}', 'stages.0.steps=6', 'optim.lr=1e-5', 'grad_clip=0.5']),
+                resume='latest', progress=False)
+    io = capsys.readouterr().out
+    assert 'resume: optim.lr changed from 0.002 to 1e-05, applied from step 4' in io
+    assert 'resume: grad_clip changed from 1.0 to 0.5' in io and 'stages.0.steps changed from 4 to 6' in io
+    assert run.learn.grad_clip == 0.5 and run.sched.base_lrs == [1e-5] * len(run.sched.base_lrs)
+    rec = json.loads((out/'log.jsonl').read_text().splitlines()[-1])
+    assert rec['step'] == 6 and rec['lr'] == [1e-5] * len(rec['lr'])                  # the log shows the new lr
+    with pytest.raises(ValueError, match=r'Cannot change on resume: optim\.momentum=0\.9 \(the checkpoint has 0\.95\)'):
+        Run(get_preset('cpu', MICRO + [f'out_dir={out}', 'optim.momentum=0.9']), resume='latest', progress=False)
+    with pytest.raises(ValueError, match=r'Cannot change on resume: diffusion\.shift=2\.0'):
+        Run(get_preset('cpu', MICRO + [f'out_dir={out}', 'diffusion.shift=2']), resume='latest', progress=False)
 
 
 def test_export_and_sample_cli(micro_run, tmp_path, capsys):
@@ -171,3 +246,21 @@ def test_time_budget_stops_the_fit_on_its_clock():
 
 def test_step_cost_refuses_nothing_to_time():
     with pytest.raises(ValueError, match='needs steps > skip'): step_cost(steps=2, skip=2)
+
+
+def test_bad_metadata_line_and_text_only_folder_train_with_a_summary(tmp_path, capsys):
+    "A folder with one malformed metadata line and only a `text` column trains; the stage's data summary is shown and logged."
+    from pixeldiff_nb.core import data_samples_dir
+    src, d = data_samples_dir(), tmp_path/'folder'
+    d.mkdir(); (d/'images').symlink_to(src/'images')
+    rows = [json.loads(l) for l in (src/'metadata.jsonl').read_text().splitlines()][:40]
+    lines = [json.dumps({'file_name': r['file_name'], 'text': r['text']}) for r in rows]
+    lines[9] = lines[9][:-3]                                         # line 10 is cut short
+    (d/'metadata.jsonl').write_text('\n'.join(lines) + '\n')
+    argv = MICRO + [f'out_dir={tmp_path/"run"}', f'data.source={d}', 'stages.0.steps=2', 'val_every=0', 'data.val_fraction=0']
+    assert train_cli(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{d}: caption columns ['caption_long'] not found; using ['text'] (set data.caption_columns=[text]" in out
+    assert f'stage 0 (64px) data: 40 records seen, 8 used; skipped: bad_metadata_line 1 ({d/"metadata.jsonl"}:10)' in out
+    rec = json.loads((tmp_path/'run'/'log.jsonl').read_text().splitlines()[-1])
+    assert rec['data']['skipped'] == {'bad_metadata_line': 1} and rec['data']['bad_metadata_lines'] == [f'{d/"metadata.jsonl"}:10']
