@@ -91,7 +91,7 @@ def train_following(preset: str = 'shapes', overrides=(), cpu_seconds: float | N
     run.following = cb
     return run
 
-# %% ../nbs/11a_following.ipynb #43b1c322
+# %% ../nbs/11a_following.ipynb #e62185fd
 def read_following(log_file) -> list[dict]:
     "The prompt-following records of a run's following.jsonl."
     return [json.loads(l) for l in Path(log_file).read_text().splitlines() if l.strip()]
