@@ -82,3 +82,11 @@ def test_text_probe_separates_what_the_states_encode(one_thread):
     assert r['count']['accuracy'] > 0.95 and r['count']['classes'] == 3
     assert r['color']['accuracy'] < r['color']['chance'] + 0.25      # colour is not in these states
     assert r['color']['classes'] == 8
+
+
+def test_scorer_reads_an_image_of_specks_as_no_shape():
+    from pixeldiff_nb.evaluation import read_shapes
+    x = torch.ones(3, 32, 32)
+    x[:, 5, 5] = x[:, 20, 20] = -1                                    # two one-pixel specks, no shape
+    r = read_shapes(x)
+    assert (r['count'], r['color'], r['background']) == (0, None, 'white')
