@@ -18,7 +18,7 @@ from .muon import OptimConfig
 # %% auto #0
 __all__ = ['PRESETS', 'PRESET_MODULES', 'RESUME_CHANGEABLE', 'DataConfig', 'LossConfig', 'StageConfig', 'RunConfig',
            'config_to_dict', 'config_from_dict', 'apply_overrides', 'register_preset', 'preset_cpu', 'preset_names',
-           'get_preset', 'resume_changes', 'repa_on', 'validate_run']
+           'get_preset', 'resume_changes', 'repa_on', 'validate_run', 'preset_shapes', 'preset_shapes_gpu']
 
 # %% ../nbs/10b_config.ipynb #de5a5fd5
 @dataclass
@@ -370,4 +370,37 @@ def validate_run(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         if s.image_size % cfg.model.patch:
             raise ValueError(f"stages.{i}.image_size={s.image_size} is not divisible by the patch size {cfg.model.patch}: "
                              f"use a multiple of {cfg.model.patch}.")
+    return cfg
+
+# %% ../nbs/10b_config.ipynb #09538e99
+@register_preset
+def preset_shapes() -> RunConfig:
+    "Prompt following on the procedural shapes set in half an hour of one CPU core: 32 px, 64 tokens, 4 narrow blocks."
+    return RunConfig(                                       # numbers measured in 11a_following
+        preset='shapes', out_dir='runs/shapes',
+        model=model_config('tiny', depth=4, hidden=128, heads=2, patch=4, bottleneck=64),   # 8×8 patches of 4 px
+        data=DataConfig(sources=[dict(source='shapes', n=4000, size=32)]),   # 4000 images, seed 0; prompts scored on seed 1
+        tread=TreadConfig(rate=0.0, start=1, end=2),          # blocks 1..2 of 4 when switched on (tread.rate=0.5)
+        repa=RepaConfig(weight=0.0, layer=1, teacher='vgg16'),  # VGG16 stand-in teacher when switched on (repa.weight=0.5)
+        optim=OptimConfig(kind='muon', lr=3e-3),
+        stages=[StageConfig(name='32px', steps=4000, image_size=32, global_batch=32)],
+        warmup=50, grad_clip=1.0, ema_decay=0.99, ema_every=1,
+        log_every=50, val_every=500, sample_every=500, ckpt_every=1000, sample_steps=20,
+        sample_prompts=['a large red circle in the center on a white background',
+                        'two small blue squares on the left on a cream background',
+                        'three large yellow stars at the bottom on a black background',
+                        'a small green triangle in the top right corner on a gray background'])
+
+@register_preset
+def preset_shapes_gpu() -> RunConfig:
+    "`shapes` at one-GPU size: 64 px, a wider and deeper model, batch 256, 20k steps in bf16 (not yet run on a GPU)."
+    cfg = preset_shapes()
+    cfg.preset, cfg.out_dir, cfg.compile = 'shapes_gpu', 'runs/shapes_gpu', True
+    cfg.model = model_config('tiny', depth=8, hidden=384, heads=6, patch=4, bottleneck=128)   # 16×16 patches of 4 px
+    cfg.data = DataConfig(sources=[dict(source='shapes', n=50_000, size=64)], num_workers=8)
+    cfg.tread, cfg.repa = TreadConfig(rate=0.0, start=1, end=6), RepaConfig(weight=0.0, layer=3, teacher='vgg16')
+    cfg.optim = OptimConfig(kind='muon', lr=1e-3)
+    cfg.stages = [StageConfig(name='64px', steps=20_000, image_size=64, global_batch=256)]
+    cfg.warmup, cfg.ema_decay, cfg.ema_every = 500, 0.999, 1
+    cfg.val_every, cfg.sample_every, cfg.ckpt_every = 1000, 2000, 2000
     return cfg

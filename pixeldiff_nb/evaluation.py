@@ -231,6 +231,7 @@ def read_shapes(img, threshold: float = 45.0,   # least RGB distance (0-255) fro
     lab = components(fg)
     ids, areas = lab[fg].unique(return_counts=True)
     keep = ids[areas >= max(4, min_frac * float(areas.max()))]
+    if not len(keep): return out                           # only specks: no shape drawn
     sel = torch.isin(lab, keep)
     core = sel & (dist >= 0.85 * dist[sel].quantile(0.95))                         # fully covered pixels
     out['color'] = _nearest(x[:, core].median(1).values, _FG_RGB, SHAPE_COLORS)
