@@ -97,6 +97,12 @@ def set_rng_states(s: dict):
     random.setstate(s['python']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'])
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
+def _forget_other_precision(mp: str):
+    "Accelerate keeps one process-wide state and refuses a second precision; a single process may build runs of different precisions in turn."
+    from accelerate.state import AcceleratorState
+    st = AcceleratorState._shared_state
+    if st and st.get('_mixed_precision') != mp and int(os.environ.get('WORLD_SIZE', '1')) == 1: AcceleratorState._reset_state()
+
 class Run:
     "A training run built from a RunConfig: data, text, model, EMA, optimizer, losses; `fit()` trains every stage."
     def __init__(self, cfg: RunConfig, resume: str | None = None, accelerator=None, progress: bool = True):
@@ -106,6 +112,7 @@ class Run:
         on_gpu = torch.cuda.is_available()
         mp = {'auto': 'bf16' if on_gpu else 'no'}.get(cfg.precision, cfg.precision)
         repa_gaps = repa_on(cfg) and not all(s.repa for s in cfg.stages)
+        if accelerator is None: _forget_other_precision(mp)
         self.acc = accelerator or Accelerator(mixed_precision=mp, cpu=not on_gpu, log_with=cfg.trackers or None, project_dir=cfg.out_dir,
                                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=repa_gaps)])
         validate_run(cfg, self.acc.num_processes)

@@ -54,7 +54,7 @@ def test_budget_counts_training_time_only(tmp_path, one_thread):
     run = train_following('shapes', TOY + [f'out_dir={tmp_path}/b', 'stages.0.steps=100000'], cpu_seconds=1.0,
                           prompts=p, attrs=a, every=2, steps=1)
     h = run.following.history
-    assert 1.0 <= h[-1]['train_s'] < 1.8 and run.learn.step < 100000
+    assert 1.0 <= h[-1]['train_s'] < 2.5 and run.learn.step < 100000
     assert run.following.spent > 0
 
 

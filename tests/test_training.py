@@ -264,3 +264,9 @@ def test_bad_metadata_line_and_text_only_folder_train_with_a_summary(tmp_path, c
     assert f'stage 0 (64px) data: 40 records seen, 8 used; skipped: bad_metadata_line 1 ({d/"metadata.jsonl"}:10)' in out
     rec = json.loads((tmp_path/'run'/'log.jsonl').read_text().splitlines()[-1])
     assert rec['data']['skipped'] == {'bad_metadata_line': 1} and rec['data']['bad_metadata_lines'] == [f'{d/"metadata.jsonl"}:10']
+
+
+def test_runs_of_different_precisions_in_one_process(tmp_path):
+    "A notebook kernel (or a test session) may train a bf16 run and then a full-precision one: no 'restart your runtime'."
+    assert Run(get_preset('cpu', MICRO + ['precision=bf16', f'out_dir={tmp_path}/a']), progress=False).acc.mixed_precision == 'bf16'
+    assert Run(get_preset('cpu', MICRO + ['precision=no', f'out_dir={tmp_path}/b']), progress=False).acc.mixed_precision == 'no'
