@@ -15,7 +15,7 @@ PRX AdamW baseline and with Muon + Adam: CPU seconds (time.process_time) per ste
 optimizers taking turns on one model and data stream. The reported numbers use
     OMP_NUM_THREADS=1 python bench/bench_muon.py --only-train --train-steps 8
 """
-import argparse, math, platform, statistics, tempfile, time
+import argparse, platform, statistics, tempfile, time
 
 import torch
 from torch import nn

@@ -63,8 +63,8 @@ def time_rows(size=64, batch=8, repeats=5, device='cpu') -> list[dict]:
     rows = []
     for name, loss in losses.items():
         loss.to(device)
-        rows.append({'loss': name, f'forward ms': 1e3 * time_call(loss, x0_hat, x0, False, repeats),
-                     f'fwd+bwd ms': 1e3 * time_call(loss, x0_hat, x0, True, repeats)})
+        rows.append({'loss': name, 'forward ms': 1e3 * time_call(loss, x0_hat, x0, False, repeats),
+                     'fwd+bwd ms': 1e3 * time_call(loss, x0_hat, x0, True, repeats)})
     return rows
 
 

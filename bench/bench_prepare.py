@@ -11,7 +11,7 @@ Everything runs with one torch thread, so "per process" numbers are per core.
 
 Usage: python bench/bench_prepare.py [--n 96] [--batch-size 8] [--captions 128]
 """
-import argparse, io, json, os, platform, resource, sys, tempfile, time
+import argparse, json, os, platform, resource, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np

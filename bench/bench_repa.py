@@ -47,7 +47,7 @@ def flops_tables():
     for name, cfg in TEACHERS:
         c = cfg()
         print(f'| {name} | ' + ' | '.join(f'{teacher_flops(c, H, W, 32)/1e9:.1f}' for H, W in sizes) + ' |')
-    print(f"| STAND-IN VGG16 relu4_3 | " + ' | '.join(f"{teacher_flops('vgg16', H, W, 32)/1e9:.1f}" for H, W in sizes) + ' |')
+    print("| STAND-IN VGG16 relu4_3 | " + ' | '.join(f"{teacher_flops('vgg16', H, W, 32)/1e9:.1f}" for H, W in sizes) + ' |')
     row = lambda **kw: ' | '.join(f"{denoiser_flops(small, H, W, text_len=256, **kw)['train']/1e9:,.0f}" for H, W in sizes)
     n = lambda H, W: (H // 32) * (W // 32)
     print('| small denoiser, train, dense | ' + row() + ' |')

@@ -7,7 +7,7 @@ Encodes captions of the bundled data set (short `text` and long `caption_long` c
 set is missing) with MiniLM (`TextEncoder('minilm')`, 32 tokens) at several batch sizes, then fills a `TextCache` and
 times `TextCache.get` and the cache's load from disk. Prints markdown tables (captions/s, higher is better).
 """
-import argparse, json, os, platform, shutil, tempfile, time
+import argparse, json, os, platform, shutil, tempfile
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 import torch

@@ -115,7 +115,7 @@ def main():
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else (platform.processor() or platform.machine())
     amp = autocast_dtype(dev)
-    lines = [f"# TREAD step-time benchmark\n",
+    lines = ["# TREAD step-time benchmark\n",
              f"device {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; "
              f"{'bf16 autocast' if amp else 'fp32'}; {args.clock}-clock seconds; training step = plan + forward + v-loss + backward (no optimizer step)"]
     print(lines[0], lines[1], sep='\n', flush=True)

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 
 import torch
 
-from pixeldiff_nb.model import PRXDenoiser, model_config, denoiser_flops
+from pixeldiff_nb.model import PRXDenoiser, model_config
 from pixeldiff_nb.diffusion import DiffusionConfig
 from pixeldiff_nb.perceptual import LPIPSLoss, DinoPerceptualLoss, dino_config, perceptual_flops
 from pixeldiff_nb.repa import RepaConfig, build_repa, dinov3_config, teacher_flops
@@ -130,8 +130,6 @@ def measure(args, dev, res, B):
     if dev.type == 'cuda':
         out['mfu_denoiser'] = den * ips / PEAK_BF16
         out['mfu_step'] = (den + aux_flops) * ips / PEAK_BF16
-    del model, opt, obj, perceptual, repa
-    if dev.type == 'cuda': torch.cuda.empty_cache()
     return out
 
 
@@ -156,7 +154,10 @@ def main(argv=None):
     info = dict(torch=torch.__version__, python=platform.python_version(),
                 device=torch.cuda.get_device_name() if dev.type == 'cuda' else platform.processor() or 'cpu',
                 args=vars(a))
-    rows = [measure(a, dev, r, b) for r, b in zip(res, bs)]
+    rows = []
+    for r, b in zip(res, bs):
+        rows.append(measure(a, dev, r, b))      # its model, optimizer and nets are freed on return
+        if dev.type == 'cuda': torch.cuda.empty_cache()
     print(json.dumps(info))
     hdr = f"{'res':>5} {'batch':>5} {'img/s':>8} {'tok/s':>9} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':>7} {'mem GiB':>8} {'MFU den':>8} {'MFU all':>8}  aux ms"
     print(hdr)

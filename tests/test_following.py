@@ -1,6 +1,6 @@
 """The shapes presets, the held-out prompt set, FollowingCB (scores during training, kept out of the CPU budget), the
 ingredient table and the linear probe of text states."""
-import json, os
+import os
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import pytest
 import torch

@@ -1,15 +1,14 @@
 """Launch: the presets, the checks that stop a bad launch before any process starts, the launch files, multi-stage
 training, trackers, and exact resume after SIGKILL on one and two CPU processes (and of the FSDP2 state path)."""
 import json, os, signal, subprocess, sys, textwrap, time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pixeldiff_nb.launch import (launch_cli, launch, launch_command, check_launch, write_launch_files, smoke_overrides,
-                                 slurm_script, image_flops)
-from pixeldiff_nb.config import get_preset, validate_run, PRESETS
+from pixeldiff_nb.launch import (launch_cli, launch, launch_command, write_launch_files, smoke_overrides,
+                                 image_flops)
+from pixeldiff_nb.config import get_preset, validate_run
 from pixeldiff_nb.runs import Run
 from pixeldiff_nb.checkpoints import list_checkpoints
 from pixeldiff_nb.training import Callback, unwrap

@@ -2,12 +2,10 @@
 skips finished shards, the shard loader resumes exactly (with workers too), and the `cpu` preset
 trains from shards through SIGKILL and `--resume latest` to an uninterrupted run's weights."""
 import io, json, os, signal, subprocess, sys, time
-from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from pixeldiff_nb.prepare import prepare, prepare_cli, prepare_jobs

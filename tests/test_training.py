@@ -1,17 +1,16 @@
 """The learner, checkpoints and runs: the loss function, EMA, checkpoint save/load equality and every damaged-checkpoint
 case, config overrides and validation, the NaN guard keeping the last good checkpoint, exact resume, and the CLIs."""
-import json, math, shutil, warnings
-from pathlib import Path
+import json, math, shutil
 
 import pytest
 import torch
 
 from pixeldiff_nb.model import PRXDenoiser, model_config
 from pixeldiff_nb.diffusion import DiffusionConfig
-from pixeldiff_nb.training import Objective, TrainModule, EMA, Learner, NaNGuardCB, unwrap, step_generator
+from pixeldiff_nb.training import Objective, TrainModule, EMA, Learner, unwrap, step_generator
 from pixeldiff_nb.checkpoints import (save_checkpoint, load_checkpoint, latest_checkpoint, list_checkpoints, pack_state,
                                       unpack_state)
-from pixeldiff_nb.config import get_preset, apply_overrides, validate_run, config_to_dict, config_from_dict, RunConfig
+from pixeldiff_nb.config import get_preset, validate_run, config_to_dict, config_from_dict, RunConfig
 from pixeldiff_nb.runs import Run, train, train_cli, sample_cli, export_weights, load_for_sampling
 from pixeldiff_nb.ablation import StepClock, TimeBudgetCB, step_cost
 
