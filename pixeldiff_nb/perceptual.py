@@ -195,9 +195,10 @@ class DinoPerceptualLoss(FrozenLoss):
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Final layer-normed DINO tokens of images in [-1, 1]: CLS (B, C) and patches (B, N, C)."
+        # resize first, still in [-1, 1] (PRX's order: the clamp then acts on resized values)
+        x = F.interpolate(x, size=(self.size, self.size), mode='bilinear', align_corners=False)
         x = ((x + 1) / 2).clamp(0, 1)    # [-1, 1] -> [0, 1]
         x = (x - self.mean) / self.std   # ImageNet normalisation
-        x = F.interpolate(x, size=(self.size, self.size), mode='bilinear', align_corners=False)
         h = self.net(pixel_values=x).last_hidden_state  # [CLS, registers, patches]
         return h[:, 0], h[:, self.n_skip:]
 
