@@ -54,6 +54,20 @@ def test_lpips_uses_package_heads_and_random_backbone_differs(ex, lpips_alex):
     rand = LPIPSLoss('alex', resize=1.0, pretrained=False)
     with torch.no_grad(): assert abs(rand(ex['ex_p0'], ex['ex_ref']).item() - 0.722) > 0.01
 
+def test_lpips_built_without_random_fill_equals_package_build(lpips_alex):
+    "The pretrained LPIPS is built on the meta device (no global patching of torch.nn.init) yet every tensor is set."
+    import lpips, warnings
+    from pixeldiff_nb.perceptual import load_lpips_backbone
+    init = {n: getattr(nn.init, n) for n in dir(nn.init) if n.endswith('_')}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ref = load_lpips_backbone(lpips.LPIPS(net='alex', pnet_rand=True, verbose=False), lpips_backbone_weights('alex'))
+    got = LPIPSLoss('alex').net.state_dict()
+    assert got.keys() == ref.state_dict().keys()
+    for k, v in ref.state_dict().items(): assert torch.equal(got[k], v), k
+    assert all(t.device.type == 'cpu' for t in got.values())
+    assert {n: getattr(nn.init, n) for n in init} == init   # torch.nn.init untouched
+
 def test_lpips_resize_halves_the_input(ex):
     seen = []
     lp = LPIPSLoss('alex', resize=0.5)
