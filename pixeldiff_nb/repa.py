@@ -23,13 +23,13 @@ __all__ = ['DINOV3_L', 'DINOV3_SIZES', 'DINOV2_SIZES', 'IMAGENET_MEAN', 'IMAGENE
 
 # %% ../nbs/08_repa.ipynb #cee56b3f
 def teacher_size(H: int, W: int, patch: int, stride: int) -> tuple[int, int]:
-    "Input size (h·stride, w·stride) that gives a teacher of `stride` the h×w grid of an H×W image cut into `patch`-px patches."
+    "Input size (h·stride, w·stride) giving a `stride` teacher the h×w patch grid of an H×W image."
     check_divisible(H, W, patch)
     return (H // patch) * stride, (W // patch) * stride
 
 # %% ../nbs/08_repa.ipynb #4d2949ef
 DINOV3_L = 'facebook/dinov3-vitl16-pretrain-lvd1689m'   # the speedrun's teacher
-DINOV3_SIZES = {  # facebook/dinov3-{size}-pretrain-lvd1689m; all: patch 16, 4 registers, RoPE, GELU MLP ×4
+DINOV3_SIZES = {  # facebook/dinov3-{size}-pretrain-lvd1689m; patch 16, 4 registers, RoPE
     'vits16': dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
     'vitb16': dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
     'vitl16': dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
@@ -42,41 +42,56 @@ DINOV2_SIZES = {  # facebook/dinov2[-with-registers]-{size}; all: patch 14, MLP 
     'tiny': dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2),     # tests only
 }
 
+def _check_size(size: str, sizes: dict, name: str):
+    if size not in sizes:
+        raise ValueError(f"Unknown {name} size {size!r}: choose one of {list(sizes)}.")
+
 def dinov3_config(size: str = 'vitl16', **overrides):
-    "A `DINOv3ViTConfig` with the architecture of DINOv3 `size` ('vits16', 'vitb16', 'vitl16', or 'tiny' for tests)."
+    "A `DINOv3ViTConfig` of DINOv3 `size` ('vits16', 'vitb16', 'vitl16', or 'tiny' for tests)."
     from transformers import DINOv3ViTConfig
-    if size not in DINOV3_SIZES: raise ValueError(f"Unknown DINOv3 size {size!r}: choose one of {list(DINOV3_SIZES)}.")
+    _check_size(size, DINOV3_SIZES, 'DINOv3')
     s = DINOV3_SIZES[size]
-    return DINOv3ViTConfig(**{**dict(patch_size=16, num_register_tokens=4, intermediate_size=4 * s['hidden_size'],
-                                     layerscale_value=1.0, rope_theta=100.0), **s, **overrides})
+    fixed = dict(patch_size=16, num_register_tokens=4, intermediate_size=4 * s['hidden_size'],
+                 layerscale_value=1.0, rope_theta=100.0)
+    return DINOv3ViTConfig(**{**fixed, **s, **overrides})
 
 def dinov2_config(size: str = 'base', registers: bool = True, **overrides):
-    "A `Dinov2WithRegistersConfig` (4 registers) or `Dinov2Config` with the architecture of DINOv2 `size`."
+    "A `Dinov2WithRegistersConfig` (4 registers) or `Dinov2Config` of DINOv2 `size`."
     from transformers import Dinov2Config, Dinov2WithRegistersConfig
-    if size not in DINOV2_SIZES: raise ValueError(f"Unknown DINOv2 size {size!r}: choose one of {list(DINOV2_SIZES)}.")
-    kw = {**dict(patch_size=14, mlp_ratio=4, image_size=518 if size != 'tiny' else 224), **DINOV2_SIZES[size], **overrides}
-    return Dinov2WithRegistersConfig(num_register_tokens=4, **kw) if registers else Dinov2Config(**kw)
+    _check_size(size, DINOV2_SIZES, 'DINOv2')
+    fixed = dict(patch_size=14, mlp_ratio=4, image_size=518 if size != 'tiny' else 224)
+    kw = {**fixed, **DINOV2_SIZES[size], **overrides}
+    if registers: return Dinov2WithRegistersConfig(num_register_tokens=4, **kw)
+    return Dinov2Config(**kw)
 
 # %% ../nbs/08_repa.ipynb #c939e55e
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-RESIZE_MODES = ('nearest', 'bilinear', 'bicubic', 'area')   # 'nearest' = the recipe's (F.interpolate's default)
+RESIZE_MODES = ('nearest', 'bilinear', 'bicubic', 'area')   # 'nearest' = the recipe's (the default)
 
-def resize_for_teacher(x: torch.Tensor, size: tuple[int, int], mode: str = 'nearest') -> torch.Tensor:
-    "Resize images (B, C, H, W) to `size`; bilinear/bicubic are antialiased, nothing happens if the size already matches."
+def _check_mode(mode: str, what: str = 'resize mode'):
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"{what} must be one of {RESIZE_MODES}, got {mode!r}.")
+
+def resize_for_teacher(x: torch.Tensor, size: tuple[int, int], mode: str = 'nearest'):
+    "Resize images (B, C, H, W) to `size` (bilinear, bicubic: antialiased); no-op at that size."
     if tuple(x.shape[-2:]) == tuple(size): return x
-    if mode not in RESIZE_MODES: raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}.")
-    if mode in ('bilinear', 'bicubic'): return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+    _check_mode(mode)
+    if mode in ('bilinear', 'bicubic'):
+        return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
     return F.interpolate(x, size=size, mode=mode)
 
+# %% ../nbs/08_repa.ipynb #7eac4e01
 class Teacher(nn.Module):
-    "Base of REPA teachers: a frozen network outside the module tree; clean x0 in [-1, 1] -> (B, h·w, C) on the denoiser grid."
+    "Base of REPA teachers, frozen, outside the module tree: clean x0 -> (B, h·w, C) tokens."
     stand_in = False   # True for teachers that only stand in for DINOv3 in CPU demonstrations
-    def __init__(self, net: nn.Module, stride: int, dim: int, name: str, resize_mode: str = 'nearest',
+    def __init__(self, net: nn.Module, stride: int, dim: int, name: str,
+                 resize_mode: str = 'nearest',
                  bf16: bool = True,      # store the network in bf16 once it runs on a GPU
                  compile: bool = False): # torch.compile the network's forward on first use
         super().__init__()
-        if resize_mode not in RESIZE_MODES: raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}.")
-        object.__setattr__(self, 'net', net.eval().requires_grad_(False))  # a plain attribute: not a registered submodule
+        _check_mode(resize_mode, 'resize_mode')
+        # a plain attribute: not a registered submodule
+        object.__setattr__(self, 'net', net.eval().requires_grad_(False))
         self.stride, self.dim, self.name, self.resize_mode = stride, dim, name, resize_mode
         self.bf16, self.compile, self._run = bf16, compile, None
         self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -86,35 +101,41 @@ class Teacher(nn.Module):
         self.net._apply(fn)  # .to(device) / .cuda() reach the hidden network too
         return super()._apply(fn, recurse)
     def train(self, mode: bool = True): return super().train(False)  # always eval
-    def tokens(self, x: torch.Tensor) -> torch.Tensor: raise NotImplementedError  # normalised images -> (B, h·w, C)
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # normalised images -> (B, h·w, C)
     def runner(self, device: torch.device):
-        "The function mapping normalised images to tokens on `device`: casts to bf16 on a GPU and compiles, if asked, once."
-        if self.bf16 and device.type == 'cuda' and next(self.net.parameters()).dtype != torch.bfloat16:
+        "Normalised images -> tokens on `device`: bf16 on a GPU, compiled if asked (once)."
+        if self.bf16 and device.type == 'cuda' and self._dtype() != torch.bfloat16:
             self.net.to(torch.bfloat16)
-        if self._run is None: self._run = torch.compile(self.tokens) if self.compile else self.tokens
+        if self._run is None:
+            self._run = torch.compile(self.tokens) if self.compile else self.tokens
         return self._run
+    def _dtype(self): return next(self.net.parameters()).dtype
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.net.parameters())
-        return f"{self.name}: stride {self.stride}, {self.dim}-d, resize '{self.resize_mode}', frozen outside the module tree ({n:,} params)"
+        return (f"{self.name}: stride {self.stride}, {self.dim}-d, resize '{self.resize_mode}', "
+                f"frozen outside the module tree ({n:,} params)")
 
     @torch.no_grad()
     def forward(self, x0: torch.Tensor, patch: int) -> torch.Tensor:
-        "Features (B, h·w, C), fp32, of clean images x0 (B, 3, H, W) in [-1, 1] on the grid of a denoiser with patch `patch`."
-        if x0.ndim != 4 or x0.shape[1] != 3: raise ValueError(f"expected clean images (B, 3, H, W) in [-1, 1], got {tuple(x0.shape)}.")
+        "Features (B, h·w, C), fp32, of clean x0 (B, 3, H, W) in [-1, 1] on a denoiser's grid."
+        if x0.ndim != 4 or x0.shape[1] != 3:
+            raise ValueError(f"expected clean images (B, 3, H, W) in [-1, 1], "
+                             f"got {tuple(x0.shape)}.")
         B, _, H, W = x0.shape
-        x = ((x0.to(self.mean.dtype) + 1) / 2).clamp(0, 1)                               # [-1, 1] -> [0, 1]
-        x = resize_for_teacher(x, teacher_size(H, W, patch, self.stride), self.resize_mode)  # grid match
-        run = self.runner(x0.device)
-        f = run(((x - self.mean) / self.std).to(next(self.net.parameters()).dtype))        # ImageNet normalisation
-        if f.shape[1] != (H // patch) * (W // patch):
-            raise RuntimeError(f"{self.name} gave {f.shape[1]} tokens for a {H // patch}×{W // patch} grid.")
+        x = ((x0.to(self.mean.dtype) + 1) / 2).clamp(0, 1)                # [-1, 1] -> [0, 1]
+        x = resize_for_teacher(x, teacher_size(H, W, patch, self.stride), self.resize_mode)
+        f = self.runner(x0.device)(((x - self.mean) / self.std).to(self._dtype()))  # ImageNet norm.
+        h, w = H // patch, W // patch
+        if f.shape[1] != h * w:
+            raise RuntimeError(f"{self.name} gave {f.shape[1]} tokens for a {h}×{w} grid.")
         return f.float()
 
 # %% ../nbs/08_repa.ipynb #d0f5811f
-VIT_TYPES = ('dinov3_vit', 'dinov2', 'dinov2_with_registers')   # transformers model types a DinoTeacher accepts
+VIT_TYPES = ('dinov3_vit', 'dinov2', 'dinov2_with_registers')   # model types a DinoTeacher accepts
 
 def load_vit(model, local_dir: str | None = None) -> nn.Module:
-    "A DINOv3/DINOv2 `transformers` model from a hub id or folder, a config (random weights) or a built model."
+    "A DINOv3/DINOv2 `transformers` model: hub id or folder, config (random weights) or model."
     from transformers import AutoModel, PretrainedConfig
     if isinstance(model, PretrainedConfig): net = AutoModel.from_config(model)
     elif isinstance(model, nn.Module): net = model
@@ -123,39 +144,44 @@ def load_vit(model, local_dir: str | None = None) -> nn.Module:
         net = AutoModel.from_pretrained(resolve_pretrained(model, local_dir), dtype=torch.float32)
     mt = getattr(getattr(net, 'config', None), 'model_type', None)
     if mt not in VIT_TYPES:
-        raise ValueError(f"A REPA teacher must be a DINOv3 ViT or DINOv2 model (model_type in {VIT_TYPES}), got {mt or type(net).__name__}.")
+        raise ValueError(f"A REPA teacher must be a DINOv3 ViT or DINOv2 model (model_type in "
+                         f"{VIT_TYPES}), got {mt or type(net).__name__}.")
     return net
 
 class DinoTeacher(Teacher):
-    "A frozen DINOv3 / DINOv2 ViT from `transformers`: its final layer-normed patch tokens (CLS and registers dropped)."
-    def __init__(self, model=DINOV3_L,              # hub id / local folder, a transformers config, or a built model
-                 resize_mode: str = 'nearest',      # see RESIZE_MODES
-                 local_dir: str | None = None):     # folder with the model's files (see core.resolve_pretrained)
+    "A frozen DINOv3 / DINOv2 ViT from `transformers`: its final layer-normed patch tokens."
+    def __init__(self, model=DINOV3_L,          # hub id / folder, transformers config, or model
+                 resize_mode: str = 'nearest',  # see RESIZE_MODES
+                 local_dir: str | None = None): # folder with the model (core.resolve_pretrained)
         net = load_vit(model, local_dir)
         c = net.config
-        super().__init__(net, c.patch_size, c.hidden_size, c.name_or_path or c.model_type, resize_mode)
+        name = c.name_or_path or c.model_type
+        super().__init__(net, c.patch_size, c.hidden_size, name, resize_mode)
         self.n_skip = 1 + getattr(c, 'num_register_tokens', 0)   # [CLS, registers..., patches...]
     def tokens(self, x): return self.net(pixel_values=x).last_hidden_state[:, self.n_skip:]
 
 # %% ../nbs/08_repa.ipynb #24a58c44
-VGG16_LAYERS = {'relu3_3': (15, 4), 'relu4_3': (22, 8), 'relu5_3': (29, 16)}   # layer: (index in vgg16().features, stride)
+VGG16_LAYERS = {'relu3_3': (15, 4), 'relu4_3': (22, 8), 'relu5_3': (29, 16)}  # (index, stride)
 _VGG16 = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512]
 
 def vgg16_features(upto: int = 22) -> nn.Sequential:
-    "torchvision's `vgg16().features` up to layer index `upto` (same indices, so the same state_dict keys)."
+    "torchvision's `vgg16().features` up to layer `upto` (same indices, same state_dict keys)."
     layers, c = [], 3
     for v in _VGG16:
         if v == 'M': layers.append(nn.MaxPool2d(2, 2))
-        else: layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]; c = v
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
+            c = v
     return nn.Sequential(*layers[:upto + 1])
 
 class VGGStandIn(Teacher):
-    "STAND-IN teacher for CPU demos (no DINO weights offline): ImageNet VGG16 conv features at `layer` — not DINOv3."
+    "STAND-IN teacher for CPU demos (no DINO weights offline): ImageNet VGG16, not DINOv3."
     stand_in = True
-    def __init__(self, layer: str = 'relu4_3',      # see VGG16_LAYERS: relu4_3 has stride 8, 512 channels
-                 pretrained: bool = True,           # ImageNet weights (06_perceptual's LPIPS backbone); False: random (tests)
+    def __init__(self, layer: str = 'relu4_3',  # see VGG16_LAYERS: relu4_3: stride 8, 512 wide
+                 pretrained: bool = True,       # ImageNet weights (06's LPIPS backbone), or random
                  resize_mode: str = 'nearest', download: bool = True):
-        if layer not in VGG16_LAYERS: raise ValueError(f"layer must be one of {list(VGG16_LAYERS)}, got {layer!r}.")
+        if layer not in VGG16_LAYERS:
+            raise ValueError(f"layer must be one of {list(VGG16_LAYERS)}, got {layer!r}.")
         idx, stride = VGG16_LAYERS[layer]
         net = vgg16_features(idx)
         if pretrained:
@@ -164,19 +190,21 @@ class VGGStandIn(Teacher):
             net.load_state_dict({k[len('features.'):]: v for k, v in sd.items()
                                  if k.startswith('features.') and int(k.split('.')[1]) <= idx})
         dim = [m for m in net if isinstance(m, nn.Conv2d)][-1].out_channels
-        name = f"STAND-IN VGG16 {layer} ({'ImageNet' if pretrained else 'random'} weights, not DINOv3)"
+        weights = 'ImageNet' if pretrained else 'random'
+        name = f"STAND-IN VGG16 {layer} ({weights} weights, not DINOv3)"
         super().__init__(net, stride, dim, name, resize_mode)
-    def tokens(self, x): return self.net(x).flatten(2).transpose(1, 2)   # (B, C, h, w) -> (B, h·w, C), row-major
+    def tokens(self, x): return self.net(x).flatten(2).transpose(1, 2)  # -> (B, h·w, C)
 
 # %% ../nbs/08_repa.ipynb #5bcafb1d
 def pca_rgb(feats: torch.Tensor, grid: tuple[int, int],
-            normalize: bool = True,   # L2-normalise tokens first: compare directions, as the cosine loss does
-            q: float = 0.01           # each component's [q, 1-q] quantile range is mapped to [-1, 1]
+            normalize: bool = True,   # L2-normalise tokens first: directions, as the loss sees
+            q: float = 0.01           # each component's [q, 1-q] quantile range -> [-1, 1]
             ) -> torch.Tensor:
-    "Tokens (B, h·w, C) as images (B, 3, h, w) in [-1, 1]: their 3 leading principal components, shared over the batch."
+    "Tokens (B, h·w, C) as images (B, 3, h, w) in [-1, 1]: 3 principal components over the batch."
     B, N, C = feats.shape
     h, w = grid
-    if h * w != N or C < 3: raise ValueError(f"{N} tokens of width {C} cannot fill a {h}×{w} grid with 3 components.")
+    if h * w != N or C < 3:
+        raise ValueError(f"{N} tokens of width {C} cannot fill a {h}×{w} grid with 3 components.")
     f = feats.detach().float().reshape(B * N, C)
     if normalize: f = F.normalize(f, dim=-1)
     f = f - f.mean(0)
@@ -188,21 +216,23 @@ def pca_rgb(feats: torch.Tensor, grid: tuple[int, int],
 
 # %% ../nbs/08_repa.ipynb #b8cf1fed
 class RepaProjector(nn.Sequential):
-    "h_φ: Linear(hidden → width), SiLU, Linear(width → width), SiLU, Linear(width → teacher_dim), with biases."
+    "h_φ: Linear(hidden → width), SiLU, Linear(width → width), SiLU, Linear(width → teacher_dim)."
     def __init__(self, hidden: int, teacher_dim: int, width: int = 1024):
-        super().__init__(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, teacher_dim))
+        super().__init__(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                         nn.Linear(width, teacher_dim))
 
 # %% ../nbs/08_repa.ipynb #0e941938
 def repa_loss(projected: torch.Tensor,            # h_φ(student features) (B, K, C)
               teacher: torch.Tensor,              # teacher features (B, N, C) on the full grid
-              idx: torch.Tensor | None = None     # kept-token indices (B, K) under TREAD; None: all N tokens
+              idx: torch.Tensor | None = None     # kept indices (B, K) under TREAD; None: all N
               ) -> torch.Tensor:
-    "Unweighted REPA loss −(1/BK) Σ cos(projected, teacher[idx]) over the (kept) tokens and the batch, in fp32."
+    "Unweighted REPA loss −(1/BK) Σ cos(projected, teacher[idx]) over kept tokens and batch, fp32."
     teacher = teacher.detach()
     if idx is not None: teacher = gather_tokens(teacher, idx)
     if projected.shape != teacher.shape:
-        raise ValueError(f"projected features {tuple(projected.shape)} and teacher features {tuple(teacher.shape)} differ: "
-                         f"pass the kept-token indices returned by the denoiser when the REPA block is routed.")
+        raise ValueError(f"projected features {tuple(projected.shape)} and teacher features "
+                         f"{tuple(teacher.shape)} differ: pass the kept-token indices returned by "
+                         f"the denoiser when the REPA block is routed.")
     return -F.cosine_similarity(projected.float(), teacher.float(), dim=-1).mean()
 
 # %% ../nbs/08_repa.ipynb #b11d5031
@@ -274,7 +304,7 @@ def build_repa(cfg: RepaConfig | None, model_cfg: ModelConfig, teacher=None, dev
 
 # %% ../nbs/08_repa.ipynb #c17e1c65
 def teacher_flops(teacher, H: int, W: int, patch: int = 32) -> float:
-    "Forward FLOPs per image of a teacher (a Teacher, a transformers config, or 'vgg16[:layer]') on H×W images for a denoiser with `patch`."
+    "Forward FLOPs per H×W image of a teacher (Teacher, config or 'vgg16[:layer]') at `patch`."
     from torch.utils.flop_counter import FlopCounterMode
     if not isinstance(teacher, Teacher):
         with torch.device('meta'): teacher = build_teacher(teacher, pretrained=False)
@@ -284,17 +314,17 @@ def teacher_flops(teacher, H: int, W: int, patch: int = 32) -> float:
 
 # %% ../nbs/08_repa.ipynb #250b265b
 @torch.no_grad()
-def block_tokens(model: nn.Module,   # a PRXDenoiser (block outputs) or a TrainModule (outputs through its REPA projector)
-                 batches: list,      # dicts with 'pixels' (B, 3, H, W) in [-1, 1], 'txt', 'mask' (training batches)
+def block_tokens(model: nn.Module,   # a PRXDenoiser, or a TrainModule (through its projector)
+                 batches: list,      # training batches: 'pixels' (B, 3, H, W), 'txt', 'mask'
                  layer: int, ts=(0.25, 0.5, 0.75), seed: int = 0) -> torch.Tensor:
-    "Dense output tokens (len(ts), B, N, D) of block `layer` for every image of `batches` noised at each t, with fixed noise."
+    "Dense tokens (len(ts), B, N, D) of block `layer` for the images of `batches` noised at each t."
     g, was, out = torch.Generator().manual_seed(seed), model.training, []
     model.eval()
-    for t in ts:                                                   # t = 0 clean ... t = 1 pure noise
+    for t in ts:                                               # t = 0 clean ... t = 1 pure noise
         feats = []
         for b in batches:
             x0 = b['pixels']
-            eps = torch.randn(x0.shape, generator=g).to(x0.device)
+            eps = torch.randn(x0.shape, generator=g).to(x0.device)  # fixed noise
             x_t = (1 - t) * x0 + t * eps                           # x_t = (1 − t)·x0 + t·ε
             t_vec = torch.full((x0.shape[0],), float(t), device=x0.device)
             feats.append(model(x_t, t_vec, b['txt'], b['mask'], return_block=layer)[1].float())
@@ -304,15 +334,19 @@ def block_tokens(model: nn.Module,   # a PRXDenoiser (block outputs) or a TrainM
 
 # %% ../nbs/08_repa.ipynb #9c568085
 def fit_linear_probe(X: torch.Tensor,    # features (M, D), e.g. block tokens flattened
-                     Y: torch.Tensor,    # targets (M, C), e.g. teacher tokens; L2-normalised before fitting
+                     Y: torch.Tensor,    # targets (M, C), e.g. teacher tokens; L2-normalised first
                      ridge: float = 1e-3) -> nn.Linear:
-    "The ridge least-squares linear map (with bias) from X to the L2-normalised rows of Y, as an nn.Linear."
-    if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y): raise ValueError(f"need X (M, D) and Y (M, C), got {tuple(X.shape)} and {tuple(Y.shape)}.")
+    "The ridge least-squares linear map (with bias) from X to the L2-normalised rows of Y."
+    if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
+        raise ValueError(f"need X (M, D) and Y (M, C), got {tuple(X.shape)} and {tuple(Y.shape)}.")
     X, Y = X.double(), F.normalize(Y.double(), dim=-1)
     mx, my = X.mean(0), Y.mean(0)
     Xc = X - mx
     G = Xc.T @ Xc
-    W = torch.linalg.solve(G + ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), Xc.T @ (Y - my))  # (D, C)
+    G = G + ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype)
+    W = torch.linalg.solve(G, Xc.T @ (Y - my))                   # (D, C)
     lin = nn.Linear(X.shape[1], Y.shape[1])
-    with torch.no_grad(): lin.weight.copy_(W.T); lin.bias.copy_(my - mx @ W)
+    with torch.no_grad():
+        lin.weight.copy_(W.T)
+        lin.bias.copy_(my - mx @ W)
     return lin

@@ -63,6 +63,26 @@ def test_nearest_bucket_and_resize():
     assert out.size == (704, 352) and out.mode == 'RGB'
 
 
+def test_nearest_bucket_is_prx_linear_scale():
+    "PRX's get_closest_ar compares W/H on a linear scale; a log scale would put 1000×1872 in another bucket."
+    bs = B.bucket_sizes(512)
+    assert B.nearest_bucket(1000, 1872, bs) == (384, 672)          # |1.872 − 1.75| < |2.0 − 1.872|
+    prx = lambda h, w: min(bs, key=lambda hw: abs(hw[1] / hw[0] - w / h))
+    assert all(B.nearest_bucket(h, w, bs) == prx(h, w) for h in range(200, 2100, 37) for w in range(200, 2100, 41))
+
+
+def test_resize_to_bucket_matches_prx_float_resize():
+    "PRX resizes [0, 1] floats with torchvision (bilinear, antialias); ours agrees up to the uint8 rounding."
+    import torch
+    import torchvision.transforms.v2.functional as TF
+    rng = np.random.default_rng(0)
+    for (h, w), bucket in (((300, 900), (352, 704)), ((1000, 1872), (384, 672)), ((37, 50), (64, 64))):
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ours = torch.from_numpy(np.asarray(B.resize_to_bucket(Image.fromarray(a), bucket)).copy()).permute(2, 0, 1).float()
+        ref = TF.resize(torch.from_numpy(a).permute(2, 0, 1).float() / 255, list(bucket), antialias=True).clamp(0, 1) * 255
+        assert ours.shape == ref.shape and (ours - ref).abs().max() < 1, (h, w, (ours - ref).abs().max())
+
+
 # ---------------------------------------------------------------- shapes
 def test_shapes_deterministic_and_consistent():
     a, b = D.shapes_sample(11, (48, 96), seed=2), D.shapes_sample(11, (48, 96), seed=2)

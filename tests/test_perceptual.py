@@ -6,6 +6,7 @@ import os, pickle, io, time
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 from pixeldiff_nb.core import data_samples_dir, img_to_tensor, MissingWeightsError
@@ -52,6 +53,20 @@ def test_lpips_uses_package_heads_and_random_backbone_differs(ex, lpips_alex):
     for k in range(5): assert torch.equal(sd[f'lin{k}.weight'], heads[f'lin{k}.model.1.weight'])  # sdist copy is identical
     rand = LPIPSLoss('alex', resize=1.0, pretrained=False)
     with torch.no_grad(): assert abs(rand(ex['ex_p0'], ex['ex_ref']).item() - 0.722) > 0.01
+
+def test_lpips_built_without_random_fill_equals_package_build(lpips_alex):
+    "The pretrained LPIPS is built on the meta device (no global patching of torch.nn.init) yet every tensor is set."
+    import lpips, warnings
+    from pixeldiff_nb.perceptual import load_lpips_backbone
+    init = {n: getattr(nn.init, n) for n in dir(nn.init) if n.endswith('_')}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ref = load_lpips_backbone(lpips.LPIPS(net='alex', pnet_rand=True, verbose=False), lpips_backbone_weights('alex'))
+    got = LPIPSLoss('alex').net.state_dict()
+    assert got.keys() == ref.state_dict().keys()
+    for k, v in ref.state_dict().items(): assert torch.equal(got[k], v), k
+    assert all(t.device.type == 'cpu' for t in got.values())
+    assert {n: getattr(nn.init, n) for n in init} == init   # torch.nn.init untouched
 
 def test_lpips_resize_halves_the_input(ex):
     seen = []
@@ -124,13 +139,33 @@ def test_dino_patch_and_pooled_variants(tiny_dino):
 
 def test_dino_preprocessing_clamps_and_resizes(tiny_dino):
     g = torch.Generator().manual_seed(1)
-    x = (torch.rand(1, 3, 40, 60, generator=g) * 0.5 + 0.5) * torch.randn(1, 3, 40, 60, generator=g).sign()  # |x| >= 0.5
+    x = (torch.rand(1, 3, 112, 112, generator=g) * 0.5 + 0.5) * torch.randn(1, 3, 112, 112, generator=g).sign()  # |x| >= 0.5
     with torch.no_grad():
-        a = tiny_dino.features(x)[1]  # non-square input: resized to a 112×112 square
+        a = tiny_dino.features(x[..., :40, :60])[1]  # non-square input: resized to a 112×112 square
         b = tiny_dino.features(x * 3)[1]  # out-of-range values are clamped to [0, 1] after mapping from [-1, 1]
         c = tiny_dino.features(x.sign())[1]
     assert a.shape == (1, 64, 32)
     assert torch.allclose(b, c, atol=1e-5)
+
+def test_dino_resizes_before_clamping_as_prx(tiny_dino):
+    "PRX resizes to `size` in [-1, 1], then maps to [0, 1], clamps and normalises: the order matters when x0_hat overshoots."
+    x0_hat, x0 = _pair(3, size=40)
+    x0_hat = 1.3 * x0_hat                                   # overshoots [-1, 1]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    net = tiny_dino.net
+    def feats(x, resize_first):
+        rs = lambda z: F.interpolate(z, size=(112, 112), mode='bilinear', align_corners=False)
+        if resize_first: x = rs(x)
+        x = ((x + 1) / 2).clamp(0, 1)
+        x = (x - mean) / std
+        if not resize_first: x = rs(x)
+        return net(pixel_values=x).last_hidden_state[:, 5:]  # CLS + 4 registers dropped
+    with torch.no_grad():
+        got = tiny_dino(x0_hat, x0)
+        ref = (1 - F.cosine_similarity(feats(x0_hat, True), feats(x0, True), dim=-1)).mean(1)
+        old = (1 - F.cosine_similarity(feats(x0_hat, False), feats(x0, False), dim=-1)).mean(1)
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert (ref - old).abs().max() > 1e-3                   # the old order gives another loss
 
 
 # --- factory, t gating, FLOPs ----------------------------------------------------------------------------------------
