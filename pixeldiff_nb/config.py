@@ -4,21 +4,23 @@
 
 # %% ../nbs/10b_config.ipynb #75dfc486
 from __future__ import annotations
-import copy, dataclasses, difflib, json
+import copy, dataclasses, difflib, json, os
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Callable
 
+from .core import cache_dir
 from .model import ModelConfig, model_config
 from .diffusion import DiffusionConfig
 from .tread import TreadConfig
-from .repa import RepaConfig
+from .repa import RepaConfig, DINOV3_L
 from .muon import OptimConfig
 
 # %% auto #0
-__all__ = ['PRESETS', 'PRESET_MODULES', 'RESUME_CHANGEABLE', 'DataConfig', 'LossConfig', 'StageConfig', 'RunConfig',
-           'config_to_dict', 'config_from_dict', 'apply_overrides', 'register_preset', 'preset_cpu', 'preset_names',
-           'get_preset', 'resume_changes', 'repa_on', 'validate_run', 'preset_shapes', 'preset_shapes_gpu']
+__all__ = ['PRESETS', 'RESUME_CHANGEABLE', 'NUM_WORKERS_512', 'SPEEDRUN_SOURCES', 'DataConfig', 'LossConfig', 'StageConfig',
+           'RunConfig', 'config_to_dict', 'config_from_dict', 'apply_overrides', 'register_preset', 'preset_cpu',
+           'preset_names', 'get_preset', 'resume_changes', 'repa_on', 'validate_run', 'preset_shapes',
+           'preset_shapes_gpu', 'shards_dir', 'preset_speedrun', 'emoji_full_dir', 'preset_gpu']
 
 # %% ../nbs/10b_config.ipynb #de5a5fd5
 @dataclass
@@ -290,22 +292,15 @@ def preset_cpu() -> RunConfig:
         warmup=100, grad_clip=1.0, ema_decay=0.99, ema_every=1,
         log_every=10, val_every=150, sample_every=150, ckpt_every=300)
 
-PRESET_MODULES = ('pixeldiff_nb.launch',)   # other presets: `gpu` and `speedrun` in 12_launch
-
 def preset_names() -> list[str]:
-    "Every preset: this module's and those registered by PRESET_MODULES (imported here)."
-    import importlib
-    for m in PRESET_MODULES: importlib.import_module(m)
-    registry = importlib.import_module('pixeldiff_nb.config').PRESETS   # this dict, or the module's
-    for k, fn in registry.items(): PRESETS.setdefault(k, fn)              # (when run in the notebook)
+    "Every preset, all defined in this module."
     return sorted(PRESETS)
 
 def get_preset(name: str, overrides=()) -> RunConfig:
     "The preset `name` with `key=value` overrides applied."
-    names = PRESETS if name in PRESETS else preset_names()
-    if name not in names:
-        raise ValueError(f"Unknown preset '{name}'{_suggest(name, names)}: "
-                         f"choose one of {', '.join(sorted(names))}.")
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset '{name}'{_suggest(name, PRESETS)}: "
+                         f"choose one of {', '.join(preset_names())}.")
     return apply_overrides(PRESETS[name](), overrides)
 
 RESUME_CHANGEABLE = (  # CLI keys a resumed run may change, from the resumed step on
@@ -404,3 +399,75 @@ def preset_shapes_gpu() -> RunConfig:
     cfg.warmup, cfg.ema_decay, cfg.ema_every = 500, 0.999, 1
     cfg.val_every, cfg.sample_every, cfg.ckpt_every = 1000, 2000, 2000
     return cfg
+
+# %% ../nbs/10b_config.ipynb #1bc9bb1c
+def shards_dir(name: str) -> str:
+    "A preset's shards: `$PIXELDIFF_SHARDS/<name>` (a shared disk or bucket URL), else the cache."
+    root = os.environ.get('PIXELDIFF_SHARDS')
+    return f"{root.rstrip('/')}/{name}" if root else str(cache_dir('shards')/name)
+
+NUM_WORKERS_512 = 4   # per GPU process: ~300 images/core-s measured, 200/s needed, 2× margin
+
+SPEEDRUN_SOURCES = [  # P3: three public synthetic sets, 8.7M images; weights ∝ size, so every image is drawn about equally often
+    dict(source='lehduong/flux_generated', weight=1.7, caption_columns=['caption_caption']),  # 1.7M; its card lists this column
+    dict(source='LucasFang/FLUX-Reason-6M', weight=6.0),      # 6M; caption columns detected at load time (not checked offline)
+    dict(source='brivangl/midjourney-v6-llava', weight=1.0),  # 1M; idem
+]  # P3 re-captioned (some of) them with Gemini 1.5; those captions are not public, so the datasets' own captions are used
+
+@register_preset
+def preset_speedrun() -> RunConfig:
+    "The PRX 24-hour speedrun (4 nodes × 8 H200): every number of the Part 3 post and the public configs."
+    return RunConfig(
+        preset='speedrun', seed=42, out_dir='runs/speedrun',          # seed 42: the repo's benchmark configs
+        model=model_config('small'),                                  # prx_jit_32_small: ~1.177B params
+        data=DataConfig(source=f'shards:{shards_dir("speedrun")}',  # written by pixeldiff-prepare
+                        sources=SPEEDRUN_SOURCES,                     # what the prepare job reads
+                        num_workers=NUM_WORKERS_512,                  # bench_prepare.py
+                        text_encoder='t5gemma-2b', text_max_length=256, text_dtype='bf16'),  # repo's pixel pipeline (P3 names no encoder)
+        diffusion=DiffusionConfig(),      # x-prediction, v-space MSE, shift 3, logit-normal(0, 1), 10% uniform t, caption dropout 0.1
+        loss=LossConfig(lpips_weight=0.1, lpips_net='vgg', lpips_resize=0.5,      # P3 + LPIPS.yaml: VGG on images downsampled ×0.5
+                        dino_weight=0.01, dino_model='facebook/dinov2-with-registers-base', dino_size=224,  # P3: DINOv2; repo: ViT-B/14-reg
+                        dino_pooled=False),   # the repo's per-patch cosine; P3's "pooled full images" read as "whole image, downsampled"
+        tread=TreadConfig(rate=0.5, start=2, end=12),  # the public config (route 2..12 of 16) rather than P3's "2nd to penultimate"
+                                                       # (..14): the code is what the benchmarks ran; TREAD.yaml also seeds 42
+        repa=RepaConfig(layer=7, weight=0.5, teacher=DINOV3_L, compile_teacher=True),  # P3 "8th block" = index 7; DINOv3-L/16
+        optim=OptimConfig(kind='muon', lr=1e-4, momentum=0.95, nesterov=True, ns_steps=5, rms_scale=True,
+                          betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0),   # muon.yaml; blog and repo agree
+        stages=[StageConfig('512px', steps=100_000, image_size=512, global_batch=1024, micro_batch=32, repa=True),
+                StageConfig('1024px', steps=20_000, image_size=1024, global_batch=512, micro_batch=16, repa=False,
+                            warmup=0)],   # P3 says nothing of a second warmup; lr, optimizer state and EMA carry over
+        warmup=1000, grad_clip=0.2, ema_decay=0.999, ema_every=10,
+        precision='bf16', compile=True,   # amp_bf16 over fp32 weights (P2: bf16-stored weights hurt); compile_denoiser: true
+        log_every=10, val_every=10_000, sample_every=10_000, sample_steps=50,   # the repo evaluates every 10k batches, 50 steps
+        sample_prompts=['a red fox sitting in fresh snow, golden hour', 'a bowl of ramen on a wooden table, top view',
+                        'a lighthouse on a cliff during a storm', 'portrait of an elderly sailor, dramatic lighting',
+                        'a watercolor painting of a cat reading a book', 'a futuristic city street at night, neon signs',
+                        'a close-up of a hummingbird drinking from a flower', 'the word PIXEL written in glowing letters'],
+        ckpt_every=2000, keep_last=3)  # repo: every 10k, weights only; full state every ~15 min loses little on a crash
+
+# %% ../nbs/10b_config.ipynb #37d6fca6
+def emoji_full_dir(size: int = 512) -> Path:
+    "Where `pixeldiff-build-samples --full --size SIZE` writes the full emoji set (the project cache)."
+    return cache_dir('emoji')/f'full-{size}px'
+
+@register_preset
+def preset_gpu() -> RunConfig:
+    "The speedrun's shape at one-GPU size: two stages (256 px with REPA, 512 px without) on the full emoji set + shapes."
+    return RunConfig(
+        preset='gpu', seed=42, out_dir='runs/gpu',
+        model=model_config('small', depth=12, hidden=768, heads=12, patch=16, bottleneck=128, text_dim=384),  # ~170M
+        data=DataConfig(source=f'shards:{shards_dir("gpu")}',      # written by pixeldiff-prepare
+                        sources=[dict(source=str(emoji_full_dir(512)), weight=3.0),
+                                 dict(source='shapes', weight=1.0, n=20_000, size=512)],
+                        num_workers=8, text_encoder='minilm'),
+        loss=LossConfig(lpips_weight=0.1, dino_weight=0.0),          # set loss.dino_weight=0.01 where DINOv2 weights are at hand
+        tread=TreadConfig(rate=0.5).for_depth(12),                   # blocks 2..9 of 12
+        repa=RepaConfig(weight=0.5, teacher='vgg16').for_depth(12),  # block 5 of 12; repa.teacher=<DINOv3 folder> when available
+        optim=OptimConfig(kind='muon', lr=3e-4),                     # a narrower model and a shorter run than the speedrun's
+        stages=[StageConfig('256px', steps=20_000, image_size=256, global_batch=256, micro_batch=128, repa=True),
+                StageConfig('512px', steps=4_000, image_size=512, global_batch=128, micro_batch=32, repa=False, warmup=0)],
+        warmup=1000, grad_clip=0.2, ema_decay=0.999, ema_every=10, precision='auto', compile=True,
+        log_every=10, val_every=1000, sample_every=2000, sample_steps=50, ckpt_every=1000, keep_last=3,
+        sample_prompts=['green apple', 'red heart', 'rocket', 'grinning face with big eyes',
+                        'two large blue stars at the bottom on a cream background',
+                        'three small red circles at the top on a white background', 'snowflake', 'ghost'])
