@@ -242,7 +242,7 @@ def speedrun_config(spec: dict, out_dir: str, variant: str = 'baseline'):
             image_size=res,
             global_batch=micro,
             micro_batch=micro,
-            repa=st[k].repa,
+            repa_weight=st[k].repa_weight,
             warmup=st[k].warmup,
         )
     cfg.val_every = cfg.sample_every = cfg.ckpt_every = 0
@@ -474,9 +474,10 @@ def flops_per_image(cfg, k: int, sz: dict) -> dict:
     from pixeldiff_nb.tread import tread_flops
     from pixeldiff_nb.perceptual import LPIPSLoss, DinoPerceptualLoss, dino_config, perceptual_flops
     from pixeldiff_nb.repa import dinov3_config, teacher_flops
+    from pixeldiff_nb.config import stage_terms
 
-    st, s = cfg.stages[k], cfg.stages[k].image_size
-    rate = cfg.tread.rate if cfg.tread.enabled else 0.0
+    s = cfg.stages[k].image_size
+    rate = stage_terms(cfg, k)['tread']
     den = tread_flops(cfg.model, s, s, sz['text_len'], rate, cfg.tread.start, cfg.tread.end)
     out = {
         'denoiser': den['routed'] if rate else den['dense'],
@@ -486,8 +487,7 @@ def flops_per_image(cfg, k: int, sz: dict) -> dict:
     }
     with torch.device('meta'), warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        lw = cfg.loss.lpips_weight if st.lpips_weight is None else st.lpips_weight
-        dw = cfg.loss.dino_weight if st.dino_weight is None else st.dino_weight
+        lw, dw = stage_terms(cfg, k)['lpips'], stage_terms(cfg, k)['dino']
         if lw:
             out['lpips'] = perceptual_flops(
                 LPIPSLoss('vgg', cfg.loss.lpips_resize, pretrained=False).to('meta'), s
@@ -496,7 +496,7 @@ def flops_per_image(cfg, k: int, sz: dict) -> dict:
             out['dino'] = perceptual_flops(
                 DinoPerceptualLoss(dino_config(sz['dino']), cfg.loss.dino_size).to('meta'), s
             )['total']
-    if cfg.repa.weight and st.repa:
+    if stage_terms(cfg, k)['repa']:
         out['repa_teacher'] = teacher_flops(dinov3_config(sz['teacher']), s, s, cfg.model.patch)
     return out
 

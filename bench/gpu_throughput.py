@@ -45,7 +45,7 @@ def build(args, dev):
     cfg = model_config('tiny' if smoke else 'small', text_dim=384 if smoke else 2304)
     tread = TreadConfig(rate=0.0 if args.no_tread else 0.5)
     if smoke: tread = tread.for_depth(cfg.depth)
-    repa_cfg = RepaConfig(enabled=not (args.no_aux or args.no_repa), teacher=dinov3_config('tiny' if smoke else 'vitl16'),
+    repa_cfg = RepaConfig(weight=0.0 if (args.no_aux or args.no_repa) else 0.5, teacher=dinov3_config('tiny' if smoke else 'vitl16'),
                           layer=2 if smoke else 7, compile_teacher=args.compile)
     repa = build_repa(repa_cfg, cfg, device=dev)
     net = PRXDenoiser(cfg)

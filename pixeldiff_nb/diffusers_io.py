@@ -219,7 +219,7 @@ def model_card(cfg, step: int, metrics: dict, weights: str = 'ema') -> str:
     size = st.image_size
     stages = '; '.join(f"{s.name}: {s.steps} steps at {s.image_size}px, batch {s.global_batch}"
                        for s in cfg.stages)
-    routed = cfg.tread.enabled and cfg.tread.rate > 0
+    routed = cfg.tread.rate > 0
     tread_note = ('The run was trained with TREAD: `pixeldiff-sample` defaults to self-guidance; '
                   'this pipeline does classifier-free guidance.\n' if routed else '')
     cell = lambda v: f'{v:.4f}' if isinstance(v, float) else v
@@ -241,8 +241,8 @@ A {count_params(m)/1e6:.1f}M-parameter PRX transformer trained in pixel space wi
 - data: `{cfg.data.source or cfg.data.sources or 'bundled data_samples'}`
 - stages: {stages}
 - objective: x-prediction, v-space MSE (t clamp {d.t_clamp}), LPIPS {cfg.loss.lpips_weight},
-  DINO {cfg.loss.dino_weight}, REPA {cfg.repa.weight if cfg.repa.enabled else 0},
-  TREAD rate {cfg.tread.rate if cfg.tread.enabled else 0}
+  DINO {cfg.loss.dino_weight}, REPA {cfg.repa.weight},
+  TREAD rate {cfg.tread.rate}
 - time: t = 0 clean, t = 1 noise; logit-normal training times shifted by {d.shift}; noise scale {d.noise_scale}
 - optimizer: {cfg.optim.kind}, lr {cfg.optim.lr}; EMA {cfg.ema_decay} every {cfg.ema_every} steps
 

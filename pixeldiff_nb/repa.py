@@ -238,24 +238,27 @@ def repa_loss(projected: torch.Tensor,            # h_φ(student features) (B, K
 # %% ../nbs/08_repa.ipynb #b11d5031
 @dataclass
 class RepaConfig:
-    "REPA settings; defaults are the speedrun's 512 px stage (its 1024 px stage: enabled=False)."
-    enabled: bool = True          # False: no teacher, no projector, no loss term
+    "REPA settings; defaults are the speedrun's 512 px stage. One switch: weight=0 builds nothing."
     layer: int = 7                # 0-based block whose output is aligned (7 = the 8th of 16 blocks)
-    weight: float = 0.5           # λ: the loss assembly adds weight · repa_loss
-    teacher: str = DINOV3_L       # hub id or local folder of a DINOv3/DINOv2 model, or 'vgg16[:layer]' (CPU stand-in)
-    proj_width: int | None = None # projector width; None = the teacher's width (1024 for DINOv3-L, as in the recipe)
-    resize_mode: str = 'nearest'  # how x0 is resized to the teacher's grid; 'nearest' is the recipe's
+    weight: float = 0.5           # λ: the loss assembly adds weight · repa_loss; 0 = off
+    # hub id or local folder of a DINOv3/DINOv2 model, or 'vgg16[:layer]' (the CPU stand-in)
+    teacher: str = DINOV3_L
+    proj_width: int | None = None # projector width; None: the teacher's (1024 for DINOv3-L, recipe)
+    resize_mode: str = 'nearest'  # how x0 is resized to the teacher's grid ('nearest': recipe)
     local_dir: str | None = None  # folder with the teacher's files (see core.resolve_pretrained)
-    teacher_bf16: bool = True     # on a GPU, store the frozen teacher in bf16 (the recipe's); the CPU stays fp32
-    compile_teacher: bool = False # torch.compile the teacher (the recipe's compile_encoder; worth it on a GPU)
+    teacher_bf16: bool = True     # on a GPU, the frozen teacher in bf16 (the recipe's); CPU: fp32
+    compile_teacher: bool = False # torch.compile the teacher (the recipe's compile_encoder; GPU)
 
     def for_depth(self, depth: int, ref_depth: int = 16) -> RepaConfig:
-        "This config with its block moved in proportion from a `ref_depth`-block model (block 7 of 16 -> block 2 of 6)."
+        "This config with its block moved in proportion from `ref_depth` blocks (7/16 -> 2/6)."
         return replace(self, layer=max(0, round((self.layer + 1) * depth / ref_depth) - 1))
 
     def __post_init__(self):
-        if self.resize_mode not in RESIZE_MODES: raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}.")
-        if self.layer < 0 or self.weight < 0: raise ValueError(f"layer ({self.layer}) and weight ({self.weight}) must be >= 0.")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got "
+                             f"{self.resize_mode!r}.")
+        if self.layer < 0 or self.weight < 0:
+            raise ValueError(f"layer ({self.layer}) and weight ({self.weight}) must be >= 0.")
 
 def build_teacher(spec=DINOV3_L,                 # hub id / folder, 'vgg16' or 'vgg16:relu3_3' (stand-in), a config, a model, a Teacher
                   resize_mode: str = 'nearest', local_dir: str | None = None,
@@ -273,7 +276,8 @@ class Repa(nn.Module):
                  patch: int,                           # the denoiser's patch size: fixes the teacher's grid
                  teacher=None):                        # overrides cfg.teacher: a Teacher, a config or a model (tests)
         super().__init__()
-        if not cfg.enabled: raise ValueError("REPA is switched off (enabled=False): use build_repa(), which then returns None.")
+        if cfg.weight == 0:
+            raise ValueError("REPA is off (weight=0): use build_repa(), which then returns None.")
         self.cfg, self.patch = cfg, patch
         self.teacher = build_teacher(cfg.teacher if teacher is None else teacher, cfg.resize_mode, cfg.local_dir)
         self.teacher.bf16, self.teacher.compile = cfg.teacher_bf16, cfg.compile_teacher
@@ -293,12 +297,15 @@ class Repa(nn.Module):
         "`loss(feats, idx, teacher_features(x0))`."
         return self.loss(feats, idx, self.teacher_features(x0))
 
-def build_repa(cfg: RepaConfig | None, model_cfg: ModelConfig, teacher=None, device=None) -> Repa | None:
-    "The REPA term for a denoiser of shape `model_cfg`, or None — building no teacher at all — when REPA is off."
-    if cfg is None or not cfg.enabled or cfg.weight == 0: return None
-    if not cfg.layer < model_cfg.depth:
-        raise ValueError(f"RepaConfig.layer={cfg.layer} is outside the denoiser's {model_cfg.depth} blocks: choose 0..{model_cfg.depth - 1} "
-                         f"or use RepaConfig.for_depth({model_cfg.depth}) (the recipe aligns block 7 of 16).")
+def build_repa(cfg: RepaConfig | None, model_cfg: ModelConfig, teacher=None,
+               device=None) -> Repa | None:
+    "The REPA term for a denoiser of shape `model_cfg`; None, building no teacher, at weight 0."
+    if cfg is None or cfg.weight == 0: return None
+    d = model_cfg.depth
+    if not cfg.layer < d:
+        raise ValueError(f"RepaConfig.layer={cfg.layer} is outside the denoiser's {d} blocks: "
+                         f"choose 0..{d - 1} or use RepaConfig.for_depth({d}) (the recipe aligns "
+                         f"block 7 of 16).")
     repa = Repa(cfg, model_cfg.hidden, model_cfg.patch, teacher)
     return repa if device is None else repa.to(device)
 

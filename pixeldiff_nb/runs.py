@@ -30,7 +30,7 @@ from .training import (Callback, TrainModule, Objective, EMA, Learner, NaNGuardC
 from .training import CancelFitException
 from .checkpoints import save_checkpoint, load_checkpoint, latest_checkpoint, _contig
 from .checkpoints import list_checkpoints, nonfinite_in
-from .config import (PRESETS, RunConfig, StageConfig, config_to_dict, config_from_dict, get_preset, repa_on,
+from .config import (PRESETS, RunConfig, StageConfig, config_to_dict, config_from_dict, get_preset, stage_terms,
                                  validate_run, preset_names, resume_changes)
 
 # %% auto #0
@@ -111,7 +111,7 @@ class Run:
         cfg = copy.deepcopy(cfg)
         on_gpu = torch.cuda.is_available()
         mp = {'auto': 'bf16' if on_gpu else 'no'}.get(cfg.precision, cfg.precision)
-        repa_gaps = repa_on(cfg) and not all(s.repa for s in cfg.stages)
+        repa_gaps = len({stage_terms(cfg, k)['repa'] > 0 for k in range(len(cfg.stages))}) == 2
         if accelerator is None: _forget_other_precision(mp)
         self.acc = accelerator or Accelerator(mixed_precision=mp, cpu=not on_gpu, log_with=cfg.trackers or None, project_dir=cfg.out_dir,
                                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=repa_gaps)])
@@ -144,7 +144,7 @@ class Run:
         if cfg.model.init_from and not (resume and (resume != 'latest' or latest_checkpoint(self.out))):
             from .diffusers_io import init_from_diffusers      # start from a diffusers PRX transformer (10e_diffusers)
             init_from_diffusers(net, cfg.model.init_from)
-        self.repa = build_repa(cfg.repa, cfg.model, device=self.device) if repa_on(cfg) else None
+        self.repa = build_repa(cfg.repa, cfg.model, device=self.device) if stage_terms(cfg)['repa'] else None
         module = TrainModule(net, self.repa.projector if self.repa is not None else None).to(self.device)
         self.ema = EMA(net, cfg.ema_decay, cfg.ema_every)
         opt = build_optimizer(module, cfg.optim)
@@ -222,8 +222,8 @@ class Run:
     def objective(self, k: int) -> Objective:
         "The loss of stage k: its perceptual weights, REPA on or off, TREAD routing."
         cfg, st = self.cfg, self.cfg.stages[k]
-        lw = cfg.loss.lpips_weight if st.lpips_weight is None else st.lpips_weight
-        dw = cfg.loss.dino_weight if st.dino_weight is None else st.dino_weight
+        lw = stage_terms(cfg, k)['lpips']
+        dw = stage_terms(cfg, k)['dino']
         for name, w in (('lpips', lw), ('dino', dw)):
             if w and name not in self._perceptual:
                 built = build_perceptual_losses(lw if name == 'lpips' else 0, dw if name == 'dino' else 0, lpips_net=cfg.loss.lpips_net,
@@ -231,8 +231,8 @@ class Run:
                                                 dino_size=cfg.loss.dino_size, dino_pooled=cfg.loss.dino_pooled, device=self.device)
                 self._perceptual[name] = built[name][1]
         perceptual = {n: (w, self._perceptual[n]) for n, w in (('lpips', lw), ('dino', dw)) if w}
-        router = Router(cfg.tread, cfg.model.depth) if cfg.tread.rate > 0 and cfg.tread.enabled else None
-        return Objective(cfg.diffusion, self.null_txt, self.null_mask, perceptual, self.repa if st.repa else None, router, cfg.seed)
+        router = Router(cfg.tread, cfg.model.depth) if stage_terms(cfg, k)['tread'] > 0 else None
+        return Objective(cfg.diffusion, self.null_txt, self.null_mask, perceptual, self.repa if stage_terms(cfg, k)['repa'] else None, router, cfg.seed)
 
     def save(self, learn: Learner):
         "Write a checkpoint of the current state: every process takes part (FSDP2 gathers shards), the main process writes."
@@ -310,7 +310,7 @@ class Run:
         vb = [] if self.sharded else self.val_batches(k)
         if vb: cbs.append(ValidationCB(vb, cfg.val_every, self.ema, seed=cfg.seed))
         if cfg.sample_prompts and cfg.sample_every and not self.sharded:
-            routed = cfg.tread.enabled and cfg.tread.rate > 0                 # the recipe samples routed models with self-guidance
+            routed = stage_terms(cfg, k)['tread'] > 0                 # the recipe samples routed models with self-guidance
             cbs.append(SampleCB(_Float32Text(self.text), cfg.sample_prompts, self.out/'samples', cfg.sample_every, self.ema, (H, W),
                                 cfg.sample_steps, cfg.diffusion.guidance, seed=cfg.seed, mode='self' if routed else 'cfg',
                                 tread=cfg.tread))

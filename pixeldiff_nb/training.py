@@ -323,7 +323,7 @@ def generate(net: nn.Module, text, prompts: list, size=(64, 64), steps: int = 50
              noise_scale: float = 1.0):
     "Images (B, 3, H, W) in [-1, 1] for `prompts`: Euler sampling with classifier-free ('cfg') or TREAD self-guidance ('self')."
     device = device or next(net.parameters()).device
-    if mode == 'auto': mode = 'self' if tread is not None and tread.enabled and tread.rate > 0 else 'cfg'  # as trained
+    if mode == 'auto': mode = 'self' if tread is not None and tread.rate > 0 else 'cfg'  # as trained
     was = net.training; net.eval()
     txt, mask = _encode(text, prompts, device)
     g = torch.Generator().manual_seed(seed)                 # CPU noise: the same image on any device (and in diffusers)

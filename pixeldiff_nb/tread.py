@@ -38,7 +38,6 @@ class TreadConfig:
     start: int = 2             # first routed block, 0-based (public config: route_start 2)
     end: int = 12              # last routed block, inclusive (public config: route_end 12 of 16)
     seed: int = 42             # base seed of the routing generator, mixed with step and rank
-    enabled: bool = True       # False: never route
     train_only: bool = True    # True: evaluation and sampling run dense (self-guidance asks for routing itself)
 
     def __post_init__(self):
@@ -103,7 +102,7 @@ class Router:
         self.depth = depth
 
     @property
-    def active(self) -> bool: return self.cfg.enabled and self.cfg.rate > 0
+    def active(self) -> bool: return self.cfg.rate > 0
 
     def __call__(self, B: int, N: int, step: int, rank: int = 0, *, training: bool = True, device=None) -> RoutePlan | None:
         "The plan for a batch of B images of N tokens at this step and rank, or None when routing is off here."

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from pixeldiff_nb.launch import (launch_cli, launch, launch_command, write_launch_files, smoke_overrides,
                                  image_flops)
-from pixeldiff_nb.config import get_preset, validate_run
+from pixeldiff_nb.config import get_preset, validate_run, stage_terms
 from pixeldiff_nb.runs import Run
 from pixeldiff_nb.checkpoints import list_checkpoints
 from pixeldiff_nb.training import Callback, unwrap
@@ -20,15 +20,15 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}   # sam
 def test_speedrun_preset_holds_the_recipe():
     cfg = get_preset('speedrun')
     assert abs(count_params(cfg.model) / 1e9 - 1.177) < 1e-3
-    assert [(s.steps, s.image_size, s.global_batch, s.micro_batch, s.repa) for s in cfg.stages] == \
-           [(100_000, 512, 1024, 32, True), (20_000, 1024, 512, 16, False)]
+    assert [(s.steps, s.image_size, s.global_batch, s.micro_batch, stage_terms(cfg, k)['repa'])
+            for k, s in enumerate(cfg.stages)] == [(100_000, 512, 1024, 32, 0.5), (20_000, 1024, 512, 16, 0)]
     assert (cfg.loss.lpips_weight, cfg.loss.dino_weight, cfg.tread.rate, cfg.repa.layer, cfg.repa.weight) == (0.1, 0.01, 0.5, 7, 0.5)
     assert (cfg.optim.kind, cfg.optim.lr, cfg.warmup, cfg.grad_clip, cfg.ema_decay, cfg.ema_every) == ('muon', 1e-4, 1000, 0.2, 0.999, 10)
     assert [s['source'] for s in cfg.data.sources] == ['lehduong/flux_generated', 'LucasFang/FLUX-Reason-6M', 'brivangl/midjourney-v6-llava']
     assert (cfg.data.text_encoder, cfg.data.text_max_length, cfg.data.text_dtype) == ('t5gemma-2b', 256, 'bf16')
     validate_run(cfg, 32)
     gpu = get_preset('gpu')                                   # same structure at one-GPU size
-    assert [s.repa for s in gpu.stages] == [True, False] and gpu.stages[1].image_size == 2 * gpu.stages[0].image_size
+    assert [stage_terms(gpu, k)['repa'] for k in range(2)] == [0.5, 0] and gpu.stages[1].image_size == 2 * gpu.stages[0].image_size
     assert validate_run(gpu, 1).repa.layer < gpu.model.depth
 
 

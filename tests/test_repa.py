@@ -125,14 +125,13 @@ def test_projector_recipe_size():
 def test_disabled_builds_no_teacher(monkeypatch):
     def boom(*a, **k): raise AssertionError('a teacher was built')
     for name in ('build_teacher', 'DinoTeacher', 'VGGStandIn', 'load_vit'): monkeypatch.setattr(repa_mod, name, boom)
-    assert build_repa(RepaConfig(enabled=False), model_config('small')) is None
     assert build_repa(RepaConfig(weight=0.0), model_config('small')) is None
     assert build_repa(None, model_config('small')) is None
     with pytest.raises(AssertionError, match='a teacher was built'): build_repa(RepaConfig(), model_config('small'))
 
 
 def test_disabled_repa_refuses_to_build():
-    with pytest.raises(ValueError, match='build_repa'): Repa(RepaConfig(enabled=False), 64, 8)
+    with pytest.raises(ValueError, match='build_repa'): Repa(RepaConfig(weight=0.0), 64, 8)
 
 
 def test_layer_outside_model():

@@ -135,7 +135,7 @@ def test_router_training_only():
     assert torch.equal(p.keep, make_route_plan(B, N, 0.5, 1, 4, step=4, rank=1, seed=42).keep)   # the config's seed
     assert r(B, N, step=4, training=False) is None
     assert Router(TreadConfig(start=1, end=4, train_only=False), 6)(B, N, step=4, training=False) is not None
-    assert Router(TreadConfig(start=1, end=4, enabled=False), 6)(B, N, step=4) is None
+    assert Router(TreadConfig(rate=0.0, start=1, end=4, train_only=False), 6)(B, N, step=4, training=False) is None
     assert Router(TreadConfig(rate=0.0, start=1, end=4), 6)(B, N, step=4) is None
 
 
