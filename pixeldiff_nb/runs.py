@@ -27,6 +27,7 @@ from .repa import build_repa
 from .muon import build_optimizer
 from .training import (Callback, TrainModule, Objective, EMA, Learner, NaNGuardCB, EMACB, LogCB, ProgressCB,
                                    ValidationCB, SampleCB, CheckpointCB, unwrap, generate, plot_log)
+from .training import AccelerateCB, AccumulateCB, ClipCB, SchedCB
 from .training import CancelFitException
 from .checkpoints import save_checkpoint, load_checkpoint, latest_checkpoint, _contig
 from .checkpoints import list_checkpoints, nonfinite_in
@@ -304,7 +305,9 @@ class Run:
     def callbacks(self, k: int) -> list:
         cfg, st = self.cfg, self.cfg.stages[k]
         H = W = st.image_size
-        cbs = [NaNGuardCB(cfg.max_skips), EMACB(self.ema),
+        accum = st.global_batch // (self.micro_batch(st) * self.acc.num_processes)
+        cbs = [AccelerateCB(self.acc), AccumulateCB(accum), ClipCB(cfg.grad_clip), SchedCB(self.sched),
+               NaNGuardCB(cfg.max_skips), EMACB(self.ema),
                LogCB(self.out/'log.jsonl', cfg.log_every, tokens_per_image=(H // cfg.model.patch) * (W // cfg.model.patch)),
                CheckpointCB(self.save, cfg.ckpt_every)]
         vb = [] if self.sharded else self.val_batches(k)
@@ -328,11 +331,8 @@ class Run:
             self._loader = self.loader(k)
             if self.data_state is not None and self.stage_of_state == k: self._loader.load_state_dict(self.data_state)
             self.data_state = None
-            accum = self.micro_batch(st) * self.acc.num_processes
-            accum = st.global_batch // accum
-            self.learn = Learner(self.model, self.objective(k), self.opt, self.batches(self._loader), sched=self.sched,
-                                 cbs=self.callbacks(k) + list(extra_cbs), accelerator=self.acc, grad_clip=self.cfg.grad_clip,
-                                 accum=accum, step=self.step)
+            self.learn = Learner(self.model, self.objective(k), self.opt, self.batches(self._loader),
+                                 cbs=self.callbacks(k) + list(extra_cbs), step=self.step)
             self.learn.stage, self.learn.data_summary = k, lambda: self.data_report().to_dict()
             self.learn.fit(self.starts[k + 1] - self.step)
             self.step = self.learn.step

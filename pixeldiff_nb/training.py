@@ -5,6 +5,7 @@
 # %% ../nbs/10_training.ipynb #83970dd9
 from __future__ import annotations
 import copy, hashlib, json, math, time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -13,14 +14,17 @@ import torch.nn as nn
 
 from .core import save_images
 from .model import PRXDenoiser
-from .diffusion import DiffusionConfig, sample_t, interpolate, v_loss, drop_captions, euler_sample, cfg_denoiser
+from .diffusion import (DiffusionConfig, sample_t, interpolate, v_loss, drop_captions,
+                                    euler_sample, cfg_denoiser)
 from .tread import TreadConfig, self_guidance_denoiser
+from .perceptual import perceptual_parts
 from .repa import repa_loss
 
 # %% auto #0
-__all__ = ['T_BINS', 'step_generator', 'TrainModule', 'Objective', 'model_patch', 'EMA', 'CancelStepException',
-           'CancelFitException', 'Callback', 'Learner', 'unwrap', 'NaNGuardCB', 'EMACB', 'LogCB', 'ProgressCB',
-           'val_loss_bins', 'generate', 'ValidationCB', 'SampleCB', 'CheckpointCB', 'plot_log']
+__all__ = ['T_BINS', 'step_generator', 'TrainModule', 'model_patch', 'Objective', 'EMA', 'CancelStepException',
+           'CancelFitException', 'Callback', 'Learner', 'AccelerateCB', 'AccumulateCB', 'ClipCB', 'SchedCB', 'unwrap',
+           'NaNGuardCB', 'EMACB', 'LogCB', 'ProgressCB', 'val_loss_bins', 'generate', 'ValidationCB', 'SampleCB',
+           'CheckpointCB', 'plot_log']
 
 # %% ../nbs/10_training.ipynb #b6f1e74b
 def step_generator(seed: int, step: int, rank: int = 0, device='cpu', tag: str = '') -> torch.Generator:
@@ -30,7 +34,7 @@ def step_generator(seed: int, step: int, rank: int = 0, device='cpu', tag: str =
 
 # %% ../nbs/10_training.ipynb #492d37fd
 class TrainModule(nn.Module):
-    "What the optimizer trains: the denoiser and, with REPA, its projector — one module for DDP/FSDP and checkpoints."
+    "What the optimizer trains: the denoiser and, with REPA, its projector (one module for DDP/FSDP)."
     def __init__(self, net: PRXDenoiser, repa_head: nn.Module | None = None):
         super().__init__()
         self.net, self.repa_head = net, repa_head
@@ -40,43 +44,56 @@ class TrainModule(nn.Module):
         x0_hat, feats, idx = out
         return x0_hat, (self.repa_head(feats) if self.repa_head is not None else feats), idx
 
-class Objective:
-    "The training loss: v-space MSE of x̂₀ plus the weighted LPIPS, DINO and REPA terms; returns (total, parts)."
-    def __init__(self, diffusion: DiffusionConfig, null_txt, null_mask, perceptual: dict | None = None, repa=None,
-                 router=None, seed: int = 0):
-        self.d, self.null_txt, self.null_mask, self.seed = diffusion, null_txt, null_mask, seed
-        self.perceptual, self.repa, self.router = perceptual or {}, repa, router  # repa: None when off; router: TREAD
-
-    def __call__(self, model: nn.Module, batch: dict, step: int, rank: int = 0, train: bool = True):
-        d, x0, txt, mask = self.d, batch['pixels'], batch['txt'], batch['mask']
-        B, dev = x0.shape[0], x0.device
-        g = step_generator(self.seed, step, rank)                                   # t, caption dropout, routing
-        t = sample_t(B, d.shift, d.t_mean, d.t_std, d.uniform_frac, d.t_min, generator=g).to(dev)
-        eps = torch.randn(x0.shape, generator=step_generator(self.seed, step, rank, dev, 'eps'), device=dev) * d.noise_scale
-        if train and d.caption_dropout > 0:                                         # p = 0.1 -> empty-prompt encoding
-            txt, mask = drop_captions(txt, mask, self.null_txt.to(dev), self.null_mask.to(dev), d.caption_dropout, generator=g)
-        x_t = interpolate(x0, eps, t)                                               # x_t = (1 - t) x0 + t eps
-        n_tokens = (x0.shape[-2] // model_patch(model)) * (x0.shape[-1] // model_patch(model))
-        plan = self.router(B, n_tokens, step=step, rank=rank, device=dev) if (train and self.router) else None
-        layer = self.repa.layer if (train and self.repa is not None) else None
-        out = model(x_t, t, txt, mask, route=plan, return_block=layer)
-        x0_hat, feats, idx = out if layer is not None else (out, None, None)
-        x0_hat = x0_hat.float()
-        parts = {'mse': v_loss(x0_hat, x0, x_t, t, d.t_clamp)}                     # mean((v_hat - v)^2)
-        total = parts['mse']
-        for name, (w, loss_fn) in self.perceptual.items():                          # at all noise levels
-            parts[name] = loss_fn(x0_hat, x0).mean()
-            total = total + w * parts[name]
-        if layer is not None:                                                        # -cos(proj(h), teacher) on kept tokens
-            parts['repa'] = repa_loss(feats, self.repa.teacher_features(x0), idx)    # feats: already projected by TrainModule
-            total = total + self.repa.weight * parts['repa']
-        return total, parts
-
+# %% ../nbs/10_training.ipynb #1560873a
 def model_patch(model: nn.Module) -> int:
     "The patch size of a (possibly wrapped) TrainModule / PRXDenoiser."
     m = getattr(model, 'module', model)
     m = getattr(m, '_orig_mod', m)
     return (m.net if hasattr(m, 'net') else m).cfg.patch
+
+# %% ../nbs/10_training.ipynb #c0a11e7a
+class Objective:
+    "The training loss: v-space MSE of x̂₀ plus the weighted LPIPS, DINO and REPA terms -> (total, parts)."
+    def __init__(self, diffusion: DiffusionConfig, null_txt, null_mask,
+                 perceptual: dict | None = None,  # {name: (weight, loss module)}, from build_perceptual_losses
+                 repa=None,                       # a Repa (08_repa); None: off
+                 router=None,                     # a TREAD Router (07_tread); None: off
+                 seed: int = 0):
+        self.d, self.null_txt, self.null_mask, self.seed = diffusion, null_txt, null_mask, seed
+        self.perceptual, self.repa, self.router = perceptual or {}, repa, router
+
+    def noised(self, batch: dict, step: int, rank: int, train: bool):
+        "(x_t, t, txt, mask) of `batch` at `step`: t, noise and caption dropout from the step's generators."
+        d, x0, txt, mask = self.d, batch['pixels'], batch['txt'], batch['mask']
+        dev = x0.device
+        g = step_generator(self.seed, step, rank)                                  # t and caption dropout
+        t = sample_t(len(x0), d.shift, d.t_mean, d.t_std, d.uniform_frac, d.t_min, generator=g).to(dev)
+        g_eps = step_generator(self.seed, step, rank, dev, 'eps')
+        eps = torch.randn(x0.shape, generator=g_eps, device=dev) * d.noise_scale
+        if train and d.caption_dropout > 0:                    # p = 0.1 -> the empty prompt's encoding
+            null = self.null_txt.to(dev), self.null_mask.to(dev)
+            txt, mask = drop_captions(txt, mask, *null, d.caption_dropout, generator=g)
+        return interpolate(x0, eps, t), t, txt, mask                               # x_t = (1 - t) x0 + t eps
+
+    def __call__(self, model: nn.Module, batch: dict, step: int, rank: int = 0, train: bool = True):
+        x0 = batch['pixels']
+        x_t, t, txt, mask = self.noised(batch, step, rank, train)
+        B, p = len(x0), model_patch(model)
+        n_tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
+        plan = self.router(B, n_tokens, step=step, rank=rank, device=x0.device) if (train and self.router) else None
+        layer = self.repa.layer if (train and self.repa is not None) else None
+        out = model(x_t, t, txt, mask, route=plan, return_block=layer)
+        x0_hat, feats, idx = out if layer is not None else (out, None, None)
+        x0_hat = x0_hat.float()
+        parts = {'mse': v_loss(x0_hat, x0, x_t, t, self.d.t_clamp)}          # mean((v_hat - v)^2)
+        parts.update(perceptual_parts(self.perceptual, x0_hat, x0))         # at all noise levels
+        weights = {n: w for n, (w, _) in self.perceptual.items()}
+        if layer is not None:                        # -cos(h_phi(h), teacher(x0)) on the kept tokens
+            parts['repa'] = repa_loss(feats, self.repa.teacher_features(x0), idx)
+            weights['repa'] = self.repa.weight
+        total = parts['mse']
+        for n, w in weights.items(): total = total + w * parts[n]
+        return total, parts
 
 # %% ../nbs/10_training.ipynb #f0ded760
 class EMA:
@@ -109,24 +126,47 @@ class EMA:
 class CancelStepException(Exception): "Skip the rest of this step."
 class CancelFitException(Exception): "Stop training now."
 
+# %% ../nbs/10_training.ipynb #723d7b4d
 class Callback:
-    "Base class: any of before_fit/step, after_loss/backward, before_update, after_step/fit."
+    """Code the Learner runs at its events; callbacks run in ascending `order` (ties: the order given).
+
+    Events: before_fit, before_step, after_loss (each micro-batch), after_backward, before_update,
+    after_step, after_fit. The learner is `self.learn`; a callback may read and write:
+      model, opt, objective, batches   what is trained, by what, on what
+      step, stop_step                  optimizer steps done (counted before after_step), where the fit ends
+      accum, micro                     micro-batches per step (AccumulateCB), the current one
+      batch, loss, parts, n_images     the micro-batch, its loss, the loss by part, images in this step
+      grad_norm                        the gradient norm before clipping (ClipCB; None without it)
+      skip_update                      set True in before_update to veto the optimizer update (NaNGuardCB)
+      rank, world                      this process, the number of processes (AccelerateCB; else 0, 1)
+      failed                           None, or why the fit stopped; CheckpointCB then writes nothing
+      history                          {'step': [...], 'loss': [...]} (LogCB), 'val': [(step, bins)] (ValidationCB)
+      last_log                         the latest log record (LogCB; TrackerCB sends it on)
+      stage, data_summary              set by a Run: the stage index, a function giving its data counts
+    Hooks: a callback may supply step_context(), backward(loss), clip_grad_norm_(params, max_norm) or
+    reduce(tensor, op); the learner uses the first (by order) that has one (AccelerateCB has all four).
+    Raise CancelStepException to skip the rest of a step, CancelFitException to end the fit.
+    Orders: AccelerateCB, AccumulateCB -30; ClipCB -20; NaNGuardCB -10; SchedCB 0; EMACB 10; ValidationCB 15;
+    SampleCB 16; LogCB 20 (reads lr, val); TrackerCB 21; ProgressCB 30; CheckpointCB 40 (after all state)."""
     order = 0
 
+# %% ../nbs/10_training.ipynb #cd3a4b53
 class Learner:
-    "Runs optimizer steps of `objective` on `model` with ordered callbacks; accelerate handles devices and precision."
-    def __init__(self, model, objective, opt, batches, *, sched=None, cbs=(), accelerator=None, grad_clip=None,
-                 accum: int = 1, step: int = 0):
-        self.model, self.objective, self.opt, self.batches, self.sched = model, objective, opt, batches, sched
-        self.cbs, self.accelerator, self.grad_clip, self.accum, self.step = list(cbs), accelerator, grad_clip, accum, step
-        self.rank = accelerator.process_index if accelerator is not None else 0
-        self.failed, self.history = None, {'step': [], 'loss': [], 'val': []}
+    "Optimizer steps of `objective` on `model` over `batches`; everything else is a callback."
+    def __init__(self, model, objective, opt, batches, cbs=(), step: int = 0):
+        self.model, self.objective, self.opt, self.batches = model, objective, opt, batches
+        self.cbs, self.step, self.accum, self.rank, self.world = list(cbs), step, 1, 0, 1
+        self.grad_norm, self.failed, self.history = None, None, {'step': [], 'loss': [], 'val': []}
         for cb in self.cbs: cb.learn = self
 
     def callback(self, name: str):
         for cb in sorted(self.cbs, key=lambda c: c.order):
-            f = getattr(cb, name, None)
-            if f is not None: f()
+            if hasattr(cb, name): getattr(cb, name)()
+
+    def hook(self, name: str, default: Callable) -> Callable:
+        "The first callback's (by order) method `name`, else `default`."
+        return next((getattr(c, name) for c in sorted(self.cbs, key=lambda c: c.order) if hasattr(c, name)),
+                    default)
 
     def fit(self, steps: int):
         "Run `steps` optimizer steps (continuing from `self.step`)."
@@ -140,37 +180,68 @@ class Learner:
         finally: self.callback('after_fit')
         return self
 
+    def one_batch(self):
+        "Loss and gradients of micro-batch `self.micro`, scaled by 1/accum: the step's gradient is their mean."
+        self.batch = next(self.batches)
+        self.n_images += len(self.batch['pixels'])
+        with self.hook('step_context', nullcontext)():
+            i = self.step * self.accum + self.micro
+            self.loss, self.parts = self.objective(self.model, self.batch, i, self.rank)
+        self.callback('after_loss')
+        self.hook('backward', torch.Tensor.backward)(self.loss / self.accum)
+
     def one_step(self):
-        acc = self.accelerator
         self.model.train()
         self.callback('before_step')
-        self.n_images = 0
-        for i in range(self.accum):                                   # gradient accumulation over micro-batches
-            self.batch = next(self.batches)
-            self.n_images += self.batch['pixels'].shape[0]
-            sync = acc.no_sync(self.model) if (acc is not None and i < self.accum - 1) else _null()
-            with sync, (acc.autocast() if acc is not None else _null()):
-                self.loss, self.parts = self.objective(self.model, self.batch, self.step * self.accum + i, self.rank)
-            self.callback('after_loss')
-            scaled = self.loss / self.accum
-            acc.backward(scaled) if acc is not None else scaled.backward()
+        self.n_images, self.skip_update = 0, False
+        for self.micro in range(self.accum): self.one_batch()
         self.callback('after_backward')
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.grad_clip:
-            gn = acc.clip_grad_norm_(params, self.grad_clip) if acc is not None else nn.utils.clip_grad_norm_(params, self.grad_clip)
-        else: gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.tensor(0.)
-        self.grad_norm = float(gn.full_tensor() if hasattr(gn, 'full_tensor') else gn)   # FSDP2: a sharded norm
-        self.skip_update = False
-        self.callback('before_update')                          # the NaN guard may veto this update
+        self.callback('before_update')                  # the NaN guard may veto this update
         if not self.skip_update: self.opt.step()
-        if self.sched is not None: self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         self.callback('after_step')
 
-class _null:
-    def __enter__(self): return self
-    def __exit__(self, *a): return False
+# %% ../nbs/10_training.ipynb #6c00b66c
+class AccelerateCB(Callback):
+    "Mixed precision and multi-process training through an accelerate Accelerator (model prepared by it)."
+    order = -30
+    def __init__(self, acc): self.acc = acc
+    def before_fit(self): self.learn.rank, self.learn.world = self.acc.process_index, self.acc.num_processes
+    @contextmanager
+    def step_context(self):
+        L = self.learn
+        last = L.micro == L.accum - 1
+        with (nullcontext() if last else self.acc.no_sync(L.model)), self.acc.autocast(): yield
+    def backward(self, loss): self.acc.backward(loss)
+    def clip_grad_norm_(self, params, max_norm): return self.acc.clip_grad_norm_(params, max_norm)
+    def reduce(self, x, op: str): return self.acc.reduce(x.to(self.acc.device), op)
+
+# %% ../nbs/10_training.ipynb #2adbecf6
+class AccumulateCB(Callback):
+    "Each optimizer step sums the gradients of `n` micro-batches (each loss scaled by 1/n)."
+    order = -30
+    def __init__(self, n: int = 1): self.n = n
+    def before_fit(self): self.learn.accum = self.n
+
+# %% ../nbs/10_training.ipynb #01ba4bdc
+class ClipCB(Callback):
+    "Set learn.grad_norm to the gradients' norm before each update; clip it to `max_norm` if given."
+    order = -20
+    def __init__(self, max_norm: float | None = 1.0): self.max_norm = max_norm
+    def before_update(self):
+        L = self.learn
+        params = [p for p in L.model.parameters() if p.grad is not None]
+        if self.max_norm: gn = L.hook('clip_grad_norm_', nn.utils.clip_grad_norm_)(params, self.max_norm)
+        elif params: gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        else: gn = torch.tensor(0.)
+        L.grad_norm = float(gn.full_tensor() if hasattr(gn, 'full_tensor') else gn)   # FSDP2: a DTensor
+
+# %% ../nbs/10_training.ipynb #4d2cffb4
+class SchedCB(Callback):
+    "Step a torch lr scheduler after every optimizer step."
+    def __init__(self, sched): self.sched = sched
+    def after_step(self): self.sched.step()
 
 # %% ../nbs/10_training.ipynb #54748e0f
 def unwrap(model: nn.Module) -> nn.Module:
@@ -180,6 +251,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         elif hasattr(model, '_orig_mod'): model = model._orig_mod
         else: return model
 
+# %% ../nbs/10_training.ipynb #84c4df71
 class NaNGuardCB(Callback):
     "Skip an update whose loss or grad norm is not finite (on any process); stop after `max_skips`."
     order = -10
@@ -188,17 +260,20 @@ class NaNGuardCB(Callback):
     def before_step(self): self.bad_loss = False
     def after_loss(self):
         self.bad_loss = self.bad_loss or not bool(torch.isfinite(self.learn.loss.detach()).all())
-    def _any_rank(self, bad: bool) -> bool:
-        acc = self.learn.accelerator         # one rank's non-finite loss vetoes every rank's update
-        if acc is None or acc.num_processes == 1: return bad
-        return bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), 'sum').item() > 0)
+    def any_rank(self, bad: bool) -> bool:
+        "True if `bad` on any process: one rank's non-finite loss vetoes every rank's update."
+        if self.learn.world == 1: return bad
+        return bool(self.learn.hook('reduce', None)(torch.tensor([float(bad)]), 'sum').item() > 0)
     def before_update(self):
         L = self.learn
-        bad_loss = self._any_rank(self.bad_loss)
-        if not bad_loss and math.isfinite(L.grad_norm): self.in_a_row = 0; return
+        bad_norm = L.grad_norm is not None and not math.isfinite(L.grad_norm)
+        if not (self.any_rank(self.bad_loss) or bad_norm):
+            self.in_a_row = 0
+            return
         L.skip_update, self.in_a_row, self.total = True, self.in_a_row + 1, self.total + 1
         L.skipped = self.total
-        what = f"loss {L.loss.item():.3g}, grad norm {L.grad_norm:.3g}"
+        gn = 'not measured' if L.grad_norm is None else f'{L.grad_norm:.3g}'
+        what = f"loss {L.loss.item():.3g}, grad norm {gn}"
         if L.rank == 0: self.log(f"step {L.step + 1}: {what} is not finite: update skipped "
                                  f"({self.in_a_row} in a row, {self.total} in this stage)")
         if self.in_a_row < self.max_skips: return
@@ -208,43 +283,47 @@ class NaNGuardCB(Callback):
                     f"Lower optim.lr or raise warmup / lower grad_clip, then --resume latest.")
         raise CancelFitException()
 
+# %% ../nbs/10_training.ipynb #38149450
 class EMACB(Callback):
     "Update an EMA of the denoiser after every optimizer step."
     order = 10
     def __init__(self, ema: EMA): self.ema = ema
     def after_step(self): self.ema.update(unwrap(self.learn.model).net, self.learn.step)
 
+# %% ../nbs/10_training.ipynb #54aa3b59
 class LogCB(Callback):
-    "Append step, loss parts, grad norm, lrs and throughput to a JSONL file every `every` steps; keep them in history."
+    "Every `every` steps a JSONL record: step, mean loss parts, grad norm, lrs, throughput; kept in history."
     order = 20
     def __init__(self, path=None, every: int = 10, tokens_per_image: int | None = None):
         self.path, self.every, self.tokens = (Path(path) if path else None), every, tokens_per_image
     def before_fit(self): self.t0, self.imgs, self.acc = time.perf_counter(), 0, {}
     def after_step(self):
         L = self.learn
-        self.imgs += L.n_images * (L.accelerator.num_processes if L.accelerator is not None else 1)
+        self.imgs += L.n_images * L.world
         for k, v in {'loss': L.loss, **L.parts}.items(): self.acc[k] = self.acc.get(k, 0.0) + v.item()
         self.acc['_n'] = self.acc.get('_n', 0) + 1
         if not self.every or (L.step % self.every and L.step != L.stop_step): return
         dt, n = time.perf_counter() - self.t0, self.acc.pop('_n')
         means = {k: v / n for k, v in self.acc.items()}
-        if L.accelerator is not None and L.accelerator.num_processes > 1:     # the mean over all processes, not rank 0's
-            red = L.accelerator.reduce(torch.tensor(list(means.values()), device=L.accelerator.device), 'mean')
-            means = dict(zip(means, red.tolist()))
+        if L.world > 1:                                        # the mean over all processes, not rank 0's
+            means = dict(zip(means, L.hook('reduce', None)(torch.tensor(list(means.values())), 'mean').tolist()))
         rec = {'step': L.step, **means, 'grad_norm': L.grad_norm,
                'lr': [g['lr'] for g in L.opt.param_groups], 'images_per_s': self.imgs / dt}
         if self.tokens: rec['tokens_per_s'] = self.imgs * self.tokens / dt
-        if getattr(L, 'skipped', 0): rec['skipped_steps'] = L.skipped       # refused updates
+        if getattr(L, 'skipped', 0): rec['skipped_steps'] = L.skipped      # refused updates
         if L.step == L.stop_step and hasattr(L, 'data_summary'): rec['data'] = L.data_summary()
-        if L.history['val'] and L.history['val'][-1][0] == L.step: rec['val'] = L.history['val'][-1][1]   # ValidationCB runs first
-        L.history['step'].append(L.step); L.history['loss'].append(rec['loss'])
+        val = L.history['val']
+        if val and val[-1][0] == L.step: rec['val'] = val[-1][1]              # ValidationCB runs first
+        L.history['step'].append(L.step)
+        L.history['loss'].append(rec['loss'])
         if self.path is not None and L.rank == 0:
             with open(self.path, 'a') as f: f.write(json.dumps(rec) + '\n')
         L.last_log = rec
         self.t0, self.imgs, self.acc = time.perf_counter(), 0, {}
 
+# %% ../nbs/10_training.ipynb #71991a9b
 class ProgressCB(Callback):
-    "A fastprogress bar over the steps, with a live plot of the training loss and (with markers) the validation loss."
+    "A fastprogress bar over the steps, with a live plot of the training loss and the validation loss."
     order = 30
     def __init__(self, plot: bool = True, every: int = 25): self.plot, self.every = plot, every
     def before_fit(self):
@@ -272,7 +351,8 @@ class ProgressCB(Callback):
         if L.history['val']:                                  # a marker makes the first point visible
             val = [v['all'] for _, v in L.history['val']]
             self.ax.plot([s for s, _ in L.history['val']], val, 'o-', label='validation')
-        self.ax.set_xlabel('step'); self.ax.set_ylabel('v-loss'); self.ax.legend(loc='upper right', fontsize=7)
+        self.ax.set(xlabel='step', ylabel='v-loss')
+        self.ax.legend(loc='upper right', fontsize=7)
         self.out.update(self.fig)
     def after_step(self):
         if not self.show: return
@@ -280,7 +360,8 @@ class ProgressCB(Callback):
         done = L.step - (L.stop_step - self.pb.total)
         self.pb.comment = f"step {L.step} loss {L.loss.item():.4f}"
         self.pb.update(done)
-        if self.plot and (L.step % self.every == 0 or L.step == L.stop_step) and L.history['loss']: self.draw()
+        due = L.step % self.every == 0 or L.step == L.stop_step
+        if self.plot and due and L.history['loss']: self.draw()
     def after_fit(self):
         if not self.show: return
         self.pb.on_iter_end()
@@ -296,8 +377,9 @@ T_BINS = ((0.0, 0.3), (0.3, 0.6), (0.6, 1.0))
 
 @torch.no_grad()
 def val_loss_bins(net: nn.Module, batches: list, bins=T_BINS, seed: int = 0, t_clamp: float = 0.05) -> dict:
-    "Mean v-loss of `net` on fixed batches at fixed times inside each t-bin (and their mean, 'all'); dense, no dropout."
-    was = net.training; net.eval()
+    "Mean v-loss of `net` on fixed batches at fixed times in each t-bin (and their mean, 'all')."
+    was = net.training
+    net.eval()
     out = {}
     for j, (lo, hi) in enumerate(bins):
         tot = 0.0
@@ -312,33 +394,38 @@ def val_loss_bins(net: nn.Module, batches: list, bins=T_BINS, seed: int = 0, t_c
     net.train(was)
     return out
 
+# %% ../nbs/10_training.ipynb #8e2a1e0e
 def _encode(text, prompts, device):
     "(states, mask) for `prompts` from a TextCache (`get`) or a TextEncoder (`encode`)."
     txt, mask = text.get(prompts) if hasattr(text, 'get') else text.encode(prompts)
     return txt.to(device), mask.to(device)
 
+# %% ../nbs/10_training.ipynb #24829efb
 @torch.no_grad()
 def generate(net: nn.Module, text, prompts: list, size=(64, 64), steps: int = 50, guidance: float = 3.5,
-             mode: str = 'auto', seed: int = 0, shift: float = 3.0, tread: TreadConfig | None = None, device=None,
-             noise_scale: float = 1.0):
-    "Images (B, 3, H, W) in [-1, 1] for `prompts`: Euler sampling with classifier-free ('cfg') or TREAD self-guidance ('self')."
+             mode: str = 'auto', seed: int = 0, shift: float = 3.0, tread: TreadConfig | None = None,
+             device=None, noise_scale: float = 1.0):
+    "Images (B, 3, H, W) in [-1, 1]: Euler sampling with classifier-free ('cfg') or TREAD self-guidance ('self')."
     device = device or next(net.parameters()).device
-    if mode == 'auto': mode = 'self' if tread is not None and tread.enabled and tread.rate > 0 else 'cfg'  # as trained
-    was = net.training; net.eval()
+    if mode == 'auto': mode = 'self' if tread is not None and tread.enabled and tread.rate > 0 else 'cfg'
+    was = net.training
+    net.eval()
     txt, mask = _encode(text, prompts, device)
-    g = torch.Generator().manual_seed(seed)                 # CPU noise: the same image on any device (and in diffusers)
-    noise = torch.randn(len(prompts), 3, *size, generator=g).to(device) * noise_scale   # ε ~ N(0, noise_scale²)
+    g = torch.Generator().manual_seed(seed)           # CPU noise: the same image on any device (and in diffusers)
+    noise = torch.randn(len(prompts), 3, *size, generator=g).to(device) * noise_scale   # eps ~ N(0, scale^2)
     if mode == 'cfg':
         null_txt, null_mask = _encode(text, [''], device)
         den = cfg_denoiser(net, txt, mask, null_txt, null_mask, scale=guidance)
     elif mode == 'self':
         tr = tread or TreadConfig()
-        den = self_guidance_denoiser(net, txt, mask, scale=guidance, rate=tr.rate, start=tr.start, end=tr.end, seed=seed)
+        den = self_guidance_denoiser(net, txt, mask, scale=guidance, rate=tr.rate, start=tr.start, end=tr.end,
+                                     seed=seed)
     else: raise ValueError(f"Unknown guidance mode '{mode}': use 'cfg', 'self' or 'auto'.")
     out = euler_sample(den, noise, steps=steps, shift=shift)
     net.train(was)
     return out
 
+# %% ../nbs/10_training.ipynb #cfcb5445
 class ValidationCB(Callback):
     "Validation loss per t-bin every `every` steps (and at the end), on the EMA weights if given."
     order = 15
@@ -354,36 +441,42 @@ class ValidationCB(Callback):
         if not self.every or (L.step % self.every and L.step != L.stop_step): return
         L.history['val'].append((L.step, val_loss_bins(self._eval_net(), self.batches, seed=self.seed)))
 
+# %% ../nbs/10_training.ipynb #fd705696
 class SampleCB(Callback):
-    "Sample grids from fixed noise and prompts every `every` steps; rows over training saved as one picture at the end."
+    "Sample grids from fixed noise and prompts every `every` steps; all rows as one picture at the end."
     order = 16
-    def __init__(self, text, prompts, out_dir, every: int = 500, ema: EMA | None = None, size=(64, 64), steps: int = 30,
-                 guidance: float = 3.5, seed: int = 0, mode: str = 'cfg', tread: TreadConfig | None = None):
+    def __init__(self, text, prompts, out_dir, every: int = 500, ema: EMA | None = None, size=(64, 64),
+                 steps: int = 30, guidance: float = 3.5, seed: int = 0,
+                 mode: str = 'cfg',                      # 'self': TREAD self-guidance, for routed models
+                 tread: TreadConfig | None = None):
         self.text, self.prompts, self.out, self.every, self.ema = text, list(prompts), Path(out_dir), every, ema
-        self.size, self.steps, self.guidance, self.seed, self.rows, self._net = size, steps, guidance, seed, [], None
-        self.mode, self.tread = mode, tread                 # 'self': TREAD self-guidance, as the recipe samples routed models
+        self.size, self.steps, self.guidance, self.seed = size, steps, guidance, seed
+        self.mode, self.tread, self.rows, self._net = mode, tread, [], None
     def sample(self):
         net = unwrap(self.learn.model).net
         if self.ema is not None:
             if self._net is None: self._net = copy.deepcopy(net)
             net = self.ema.copy_to(self._net)
-        return generate(net, self.text, self.prompts, self.size, self.steps, self.guidance, self.mode, self.seed,
-                        tread=self.tread).cpu()
+        return generate(net, self.text, self.prompts, self.size, self.steps, self.guidance, self.mode,
+                        self.seed, tread=self.tread).cpu()
     def before_fit(self):
         if not self.rows and self.learn.rank == 0: self.rows.append((self.learn.step, self.sample()))
     def after_step(self):
         L = self.learn
-        if L.rank or not self.every or (L.step % self.every and L.step != L.stop_step) or (self.rows and self.rows[-1][0] == L.step): return
+        due = self.every and (L.step % self.every == 0 or L.step == L.stop_step)
+        if L.rank or not due or (self.rows and self.rows[-1][0] == L.step): return
         imgs = self.sample()
         self.rows.append((L.step, imgs))
         save_images(imgs, self.out/f'step-{L.step:08d}.png', titles=self.prompts, ncols=len(self.prompts))
     def after_fit(self):
         if self.learn.rank or len(self.rows) < 2: return
-        save_images(torch.cat([r for _, r in self.rows]), self.out/'progress.png', ncols=len(self.prompts), size=1.1,
-                    titles=[f'step {s}: {p}' if j == 0 else p for s, _ in self.rows for j, p in enumerate(self.prompts)])
+        titles = [f'step {s}: {p}' if j == 0 else p for s, _ in self.rows for j, p in enumerate(self.prompts)]
+        save_images(torch.cat([r for _, r in self.rows]), self.out/'progress.png', ncols=len(self.prompts),
+                    size=1.1, titles=titles)
 
+# %% ../nbs/10_training.ipynb #05068bda
 class CheckpointCB(Callback):
-    "Save a checkpoint every `every` steps and at the end of the fit (not after a failure); keep the last `keep_last`."
+    "Save a checkpoint every `every` steps and at the end of the fit (not after a failure)."
     order = 40
     def __init__(self, save_fn: Callable, every: int = 500): self.save_fn, self.every = save_fn, every
     def after_step(self):
@@ -392,16 +485,20 @@ class CheckpointCB(Callback):
         L = self.learn
         if L.failed is None and (not self.every or L.step % self.every) and L.step == L.stop_step: self.save_fn(L)
 
+# %% ../nbs/10_training.ipynb #aa8971ee
 def plot_log(log_file, ax=None, title: str | None = None):
     "Training loss (and validation loss per t-bin) from a run's log.jsonl; returns the figure."
     import matplotlib.pyplot as plt
-    recs = [json.loads(l) for l in Path(log_file).read_text().splitlines() if l.strip()]
+    recs = [json.loads(line) for line in Path(log_file).read_text().splitlines() if line.strip()]
     if ax is None: fig, ax = plt.subplots(figsize=(4.5, 2.6), dpi=72)
     else: fig = ax.figure
     ax.plot([r['step'] for r in recs], [r['loss'] for r in recs], lw=1, label='train loss')
     val = [r for r in recs if 'val' in r]
     for k in (val[0]['val'] if val else {}):
-        if k != 'all': ax.plot([r['step'] for r in val], [r['val'][k] for r in val], 'o-', ms=3, lw=1, label=f'val t∈[{k})')
-    ax.set_yscale('log'); ax.set_xlabel('step'); ax.legend(fontsize=6); ax.set_title(title or str(Path(log_file).parent.name), fontsize=8)
+        if k == 'all': continue
+        ax.plot([r['step'] for r in val], [r['val'][k] for r in val], 'o-', ms=3, lw=1, label=f'val t∈[{k})')
+    ax.set(yscale='log', xlabel='step')
+    ax.legend(fontsize=6)
+    ax.set_title(title or str(Path(log_file).parent.name), fontsize=8)
     fig.tight_layout()
     return fig
