@@ -69,7 +69,7 @@ def train_step_table(steps=8, round_steps=2, adamw_lr=2e-3):
     from pixeldiff_nb.config import get_preset
     from pixeldiff_nb.runs import Run
     from pixeldiff_nb.ablation import StepClock
-    from pixeldiff_nb.training import Learner, Objective
+    from pixeldiff_nb.training import Learner, Objective, AccelerateCB, ClipCB
     cfg = get_preset('cpu', ['sample_every=0', 'val_every=100000', 'ckpt_every=100000', 'log_every=100000',
                              f'out_dir={tempfile.mkdtemp()}'])
     run = Run(cfg, progress=False)                                   # its optimizer: Muon + Adam at the preset's lr
@@ -81,7 +81,8 @@ def train_step_table(steps=8, round_steps=2, adamw_lr=2e-3):
     for r in range(1 + -(-steps // round_steps)):                    # one warm-up round, then the timed ones
         for name, opt in opts.items():
             clock = StepClock()
-            Learner(run.model, obj, opt, batches, cbs=[clock], accelerator=run.acc, grad_clip=cfg.grad_clip, step=step).fit(round_steps)
+            cbs = [clock, AccelerateCB(run.acc), ClipCB(cfg.grad_clip)]
+            Learner(run.model, obj, opt, batches, cbs=cbs, step=step).fit(round_steps)
             step += round_steps
             if r: times[name][0].extend(clock.step_s); times[name][1].extend(clock.rest_s)
     print(f'\n4. Training step of the `cpu` preset ({sum(p.numel() for p in run.model.parameters())/1e6:.1f}M params, batch '

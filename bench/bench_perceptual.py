@@ -74,7 +74,7 @@ def train_step_rows(steps=8, round_steps=2, dino_base=False, overrides=()) -> li
     from pixeldiff_nb.config import get_preset
     from pixeldiff_nb.runs import Run
     from pixeldiff_nb.ablation import StepClock
-    from pixeldiff_nb.training import Learner, Objective
+    from pixeldiff_nb.training import Learner, Objective, AccelerateCB, ClipCB, SchedCB
     cfg = get_preset('cpu', ['sample_every=0', 'val_every=100000', 'ckpt_every=100000', 'log_every=100000',
                              f'out_dir={tempfile.mkdtemp()}', *overrides])
     run = Run(cfg, progress=False)
@@ -93,8 +93,8 @@ def train_step_rows(steps=8, round_steps=2, dino_base=False, overrides=()) -> li
             k = 1 if 'DINOv2-B' in name else round_steps      # the real-size DINO: one step per round
             obj = Objective(cfg.diffusion, run.null_txt, run.null_mask, perceptual, None, None, cfg.seed)
             clock = StepClock()
-            Learner(run.model, obj, run.opt, batches, sched=run.sched, cbs=[clock], accelerator=run.acc,
-                    grad_clip=cfg.grad_clip, step=step).fit(k)
+            cbs = [clock, AccelerateCB(run.acc), ClipCB(cfg.grad_clip), SchedCB(run.sched)]
+            Learner(run.model, obj, run.opt, batches, cbs=cbs, step=step).fit(k)
             step += k
             if r: times[name] += clock.step_s
     base = statistics.median(times['no perceptual'])

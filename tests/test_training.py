@@ -7,7 +7,7 @@ import torch
 
 from pixeldiff_nb.model import PRXDenoiser, model_config
 from pixeldiff_nb.diffusion import DiffusionConfig
-from pixeldiff_nb.training import Objective, TrainModule, EMA, Learner, unwrap, step_generator
+from pixeldiff_nb.training import Objective, TrainModule, EMA, Learner, ClipCB, unwrap, step_generator, model_patch
 from pixeldiff_nb.checkpoints import (save_checkpoint, load_checkpoint, latest_checkpoint, list_checkpoints, pack_state,
                                       unpack_state)
 from pixeldiff_nb.config import get_preset, validate_run, config_to_dict, config_from_dict, RunConfig
@@ -33,6 +33,57 @@ def test_objective_is_a_function_of_the_step():
     assert set(parts) == {'mse'} and torch.equal(parts['mse'], l1)
     g1, g2 = step_generator(0, 3, 0), step_generator(0, 3, 1)
     assert not torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+
+
+def _objective_before(obj, model, batch, step, rank=0, train=True):
+    "The loss as Objective computed it before it called perceptual_parts (a copy, for the comparison below)."
+    from pixeldiff_nb.diffusion import sample_t, interpolate, v_loss, drop_captions
+    from pixeldiff_nb.repa import repa_loss
+    d, x0, txt, mask = obj.d, batch['pixels'], batch['txt'], batch['mask']
+    B, dev = x0.shape[0], x0.device
+    g = step_generator(obj.seed, step, rank)
+    t = sample_t(B, d.shift, d.t_mean, d.t_std, d.uniform_frac, d.t_min, generator=g).to(dev)
+    eps = torch.randn(x0.shape, generator=step_generator(obj.seed, step, rank, dev, 'eps'), device=dev) * d.noise_scale
+    if train and d.caption_dropout > 0:
+        txt, mask = drop_captions(txt, mask, obj.null_txt.to(dev), obj.null_mask.to(dev), d.caption_dropout, generator=g)
+    x_t = interpolate(x0, eps, t)
+    n_tokens = (x0.shape[-2] // model_patch(model)) * (x0.shape[-1] // model_patch(model))
+    plan = obj.router(B, n_tokens, step=step, rank=rank, device=dev) if (train and obj.router) else None
+    layer = obj.repa.layer if (train and obj.repa is not None) else None
+    out = model(x_t, t, txt, mask, route=plan, return_block=layer)
+    x0_hat, feats, idx = out if layer is not None else (out, None, None)
+    x0_hat = x0_hat.float()
+    parts = {'mse': v_loss(x0_hat, x0, x_t, t, d.t_clamp)}
+    total = parts['mse']
+    for name, (w, loss_fn) in obj.perceptual.items():
+        parts[name] = loss_fn(x0_hat, x0).mean()
+        total = total + w * parts[name]
+    if layer is not None:
+        parts['repa'] = repa_loss(feats, obj.repa.teacher_features(x0), idx)
+        total = total + obj.repa.weight * parts['repa']
+    return total, parts
+
+
+def test_objective_equals_its_previous_implementation():
+    "Perceptual terms, REPA and TREAD on: the loss through perceptual_parts equals the former inline code, bit for bit."
+    from pixeldiff_nb.repa import RepaConfig, build_repa, dinov3_config
+    from pixeldiff_nb.tread import Router, TreadConfig
+    torch.manual_seed(0)
+    cfg = model_config('tiny', depth=3, hidden=64, heads=2, axes_dim=(16, 16), text_dim=16)
+    net = PRXDenoiser(cfg)
+    with torch.no_grad(): net.final.out.weight.normal_(0, 0.02)          # a non-zero x0_hat
+    repa = build_repa(RepaConfig(layer=1, proj_width=16), cfg, teacher=dinov3_config('tiny'))
+    per_image = lambda k: (lambda a, b: ((a - b).abs() ** k).flatten(1).mean(1))   # cheap stand-ins, (B,) each
+    perceptual = {'lpips': (0.1, per_image(1)), 'dino': (0.01, per_image(3))}
+    obj = Objective(DiffusionConfig(), torch.zeros(1, 6, 16), torch.ones(1, 6, dtype=torch.bool), perceptual, repa,
+                    Router(TreadConfig(rate=0.5, start=1, end=1), cfg.depth), seed=0)
+    model, batch = TrainModule(net, repa.projector), _batch(cfg, B=2)
+    for step in (0, 5):
+        new, new_parts = obj(model, batch, step)
+        old, old_parts = _objective_before(obj, model, batch, step)
+        assert list(new_parts) == list(old_parts) == ['mse', 'lpips', 'dino', 'repa']
+        assert all(torch.equal(new_parts[k], old_parts[k]) for k in old_parts), step
+        assert torch.equal(new, old)
 
 
 def test_ema_update_rule():
@@ -188,7 +239,8 @@ def test_resume_applies_changed_lr_and_refuses_a_fixed_key(micro_run, tmp_path, 
     io = capsys.readouterr().out
     assert 'resume: optim.lr changed from 0.002 to 1e-05, applied from step 4' in io
     assert 'resume: grad_clip changed from 1.0 to 0.5' in io and 'stages.0.steps changed from 4 to 6' in io
-    assert run.learn.grad_clip == 0.5 and run.sched.base_lrs == [1e-5] * len(run.sched.base_lrs)
+    clip = next(c for c in run.learn.cbs if isinstance(c, ClipCB))
+    assert clip.max_norm == 0.5 and run.sched.base_lrs == [1e-5] * len(run.sched.base_lrs)
     rec = json.loads((out/'log.jsonl').read_text().splitlines()[-1])
     assert rec['step'] == 6 and rec['lr'] == [1e-5] * len(rec['lr'])                  # the log shows the new lr
     with pytest.raises(ValueError, match=r'Cannot change on resume: optim\.momentum=0\.9 \(the checkpoint has 0\.95\)'):
