@@ -260,9 +260,10 @@ class RepaConfig:
         if self.layer < 0 or self.weight < 0:
             raise ValueError(f"layer ({self.layer}) and weight ({self.weight}) must be >= 0.")
 
-def build_teacher(spec=DINOV3_L,                 # hub id / folder, 'vgg16' or 'vgg16:relu3_3' (stand-in), a config, a model, a Teacher
+def build_teacher(spec=DINOV3_L,   # hub id / folder, 'vgg16[:layer]', a config, a model, a Teacher
                   resize_mode: str = 'nearest', local_dir: str | None = None,
-                  pretrained: bool = True) -> Teacher:  # only for the stand-in: False = random VGG (tests, FLOP counts)
+                  pretrained: bool = True   # stand-in only; False: random VGG (tests, FLOP counts)
+                  ) -> Teacher:
     "The REPA teacher described by `spec`."
     if isinstance(spec, Teacher): return spec
     if isinstance(spec, str) and spec.split(':')[0] == 'vgg16':
@@ -271,17 +272,20 @@ def build_teacher(spec=DINOV3_L,                 # hub id / folder, 'vgg16' or '
 
 # %% ../nbs/08_repa.ipynb #33317728
 class Repa(nn.Module):
-    "REPA: a frozen teacher (nothing to train or save) and a trainable projector; the unweighted loss on (kept) tokens."
-    def __init__(self, cfg: RepaConfig, hidden: int,  # the denoiser's width (its block outputs are (B, N|K, hidden))
-                 patch: int,                           # the denoiser's patch size: fixes the teacher's grid
-                 teacher=None):                        # overrides cfg.teacher: a Teacher, a config or a model (tests)
+    "REPA: a frozen teacher (nothing to train or save), a trainable projector, the loss."
+    def __init__(self, cfg: RepaConfig,
+                 hidden: int,     # the denoiser's width (its block outputs are (B, N|K, hidden))
+                 patch: int,      # the denoiser's patch size: fixes the teacher's grid
+                 teacher=None):   # overrides cfg.teacher: a Teacher, a config or a model (tests)
         super().__init__()
         if cfg.weight == 0:
             raise ValueError("REPA is off (weight=0): use build_repa(), which then returns None.")
         self.cfg, self.patch = cfg, patch
-        self.teacher = build_teacher(cfg.teacher if teacher is None else teacher, cfg.resize_mode, cfg.local_dir)
+        spec = cfg.teacher if teacher is None else teacher
+        self.teacher = build_teacher(spec, cfg.resize_mode, cfg.local_dir)
         self.teacher.bf16, self.teacher.compile = cfg.teacher_bf16, cfg.compile_teacher
-        self.projector = RepaProjector(hidden, self.teacher.dim, cfg.proj_width or self.teacher.dim)
+        width = cfg.proj_width or self.teacher.dim
+        self.projector = RepaProjector(hidden, self.teacher.dim, width)
 
     @property
     def layer(self) -> int: return self.cfg.layer     # pass as the denoiser's return_block
@@ -290,8 +294,9 @@ class Repa(nn.Module):
     def teacher_features(self, x0: torch.Tensor) -> torch.Tensor:
         "Teacher features (B, N, C) of the clean images x0 in [-1, 1], without gradients."
         return self.teacher(x0, self.patch)
-    def loss(self, feats: torch.Tensor, idx: torch.Tensor | None, teacher_feats: torch.Tensor) -> torch.Tensor:
-        "Unweighted REPA loss of block features (B, K, hidden) with kept indices idx (or None) against teacher features."
+    def loss(self, feats: torch.Tensor, idx: torch.Tensor | None,
+             teacher_feats: torch.Tensor) -> torch.Tensor:
+        "Unweighted REPA loss of block features (B, K, hidden), kept indices idx, vs the teacher's."
         return repa_loss(self.projector(feats), teacher_feats, idx)
     def forward(self, feats, x0, idx=None):
         "`loss(feats, idx, teacher_features(x0))`."
