@@ -91,8 +91,8 @@ def resolve_pretrained(hub_id: str, local_dir: str | os.PathLike | None = None) 
     looked = []
     base = os.environ.get('PIXELDIFF_MODEL_DIR')
     if base:
-        for c in (Path(base) / hub_id.replace('/', '--'), Path(base) / hub_id.split('/')[-1],
-                  Path(base) / hub_id):
+        for c in (Path(base)/hub_id.replace('/', '--'), Path(base)/hub_id.split('/')[-1],
+                  Path(base)/hub_id):
             looked.append(str(c))
             if (c/'config.json').exists(): return str(c)
     try:
@@ -163,7 +163,7 @@ def show_images(ims, titles=None, ncols: int | None = None, size: float = 1.6,
     ncols = ncols or min(n, 8)
     nrows = math.ceil(n / ncols)
     tlines = max([len(textwrap.wrap(str(t), title_width)) for t in titles] if titles else [0])
-    fig, axs = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * (size + 0.14 * tlines)),
+    fig, axs = plt.subplots(nrows, ncols, figsize=(ncols*size, nrows*(size + 0.14*tlines)),
                             squeeze=False, dpi=72)
     for i, ax in enumerate(axs.flat):
         ax.axis('off')
