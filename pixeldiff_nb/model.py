@@ -105,8 +105,7 @@ class PRXBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, self.heads = cfg.hidden, cfg.heads
-        # adaLN: shift/scale/gate x (attention, MLP); zero-init
-        self.mod = nn.Linear(D, 6 * D)
+        self.mod = nn.Linear(D, 6 * D)  # adaLN: shift/scale/gate x (attention, MLP); zero-init
         self.img_qkv = nn.Linear(D, 3 * D, bias=False)
         self.q_norm, self.k_norm = RMSNorm(cfg.head_dim), RMSNorm(cfg.head_dim)
         self.txt_kv = nn.Linear(D, 2 * D, bias=False)       # this block's own text K/V projection
@@ -128,8 +127,7 @@ class PRXBlock(nn.Module):
         tk, tv = self.txt_kv(txt).view(B, L, 2, h, -1).permute(2, 0, 3, 1, 4)
         # [text ; image]
         k, v = torch.cat([self.txt_k_norm(tk), k], dim=2), torch.cat([tv, v], dim=2)
-        # (B, h, N, d)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
         x = x + g1 * self.attn_out(a.transpose(1, 2).reshape(B, N, D))
         return x + g2 * self.mlp(modulate(layer_norm(x), sh2, sc2))
 
@@ -204,9 +202,8 @@ class PRXDenoiser(nn.Module):
             raise ValueError(f"Text states have width {txt.shape[-1]} but the "
                              f"model expects text_dim={self.cfg.text_dim}: build "
                              "the model with the text encoder's hidden size.")
-        # inputs follow the weights (fp32 or bf16)
-        dt = self.txt_in.weight.dtype
-        x = self.img_in(patchify(x_t, p).to(dt))                            # (B, N, D)
+        dt = self.txt_in.weight.dtype             # inputs follow the weights (fp32 or bf16)
+        x = self.img_in(patchify(x_t, p).to(dt))  # (B, N, D)
         # fp32 sinusoid
         temb = timestep_embedding(t.expand(B) if t.ndim == 0 else t, self.cfg.time_dim)
         vec_act = F.silu(self.time_in(temb.to(dt)))
@@ -219,20 +216,17 @@ class PRXDenoiser(nn.Module):
         if route is not None: route.check(B, N, len(self.blocks))
         feats = feat_idx = None
         for i, block in enumerate(self.blocks):
-            # TREAD: keep a subset of tokens
-            if route is not None and i == route.start:
+            if route is not None and i == route.start:  # TREAD: keep a subset of tokens
                 saved = (x, cos, sin, attn_mask)
                 x = gather_tokens(x, route.keep)
                 cos, sin = (gather_tokens(cos[0, 0].expand(B, -1, -1), route.keep)[:, None],
                             gather_tokens(sin[0, 0].expand(B, -1, -1), route.keep)[:, None])
                 attn_mask = key_mask(route.keep.shape[1])
             x = block(x, vec_act, txt, attn_mask, cos, sin)
-            # REPA: this block's features
-            if i == return_block:
+            if i == return_block:  # REPA: this block's features
                 routed_now = route is not None and route.start <= i <= route.end
                 feats, feat_idx = x, (route.keep if routed_now else None)
-            # TREAD: routed tokens rejoin unchanged
-            if route is not None and i == route.end:
+            if route is not None and i == route.end:  # TREAD: routed tokens rejoin unchanged
                 full, cos, sin, attn_mask = saved
                 x = scatter_tokens(full, route.keep, x)
         x0_hat = unpatchify(self.final(x, vec_act), p, H, W)
