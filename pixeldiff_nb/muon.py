@@ -43,8 +43,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs=NS_COEFFS, eps: float 
     for _ in range(steps):
         A = X @ X.mT                              # A = X X^T
         B = mm(A, A, A, beta=b, alpha=c)          # B = b A + c A^2
-        # X <- a X + B X, i.e. sigma -> a sigma + b sigma^3 + c sigma^5
-        X = mm(X, B, X, beta=a)
+        X = mm(X, B, X, beta=a)  # X <- a X + B X, i.e. sigma -> a sigma + b sigma^3 + c sigma^5
     if tall: X = X.mT
     return X.reshape(shape)
 
@@ -107,8 +106,7 @@ def shard_rows(rows: int, world_size: int) -> list[int]:
 def _ddp_orthogonalise(us, owners, ns, dtype, apply, group=None):
     "Replicated matrices: each rank orthogonalises those it owns and broadcasts them to all ranks."
     W, me = dist.get_world_size(group), dist.get_rank(group)
-    # rounds of W matrices: one per rank
-    for s in range(0, len(us), W):
+    for s in range(0, len(us), W):  # rounds of W matrices: one per rank
         out, work = {}, []
         for i in range(s, min(s + W, len(us))):
             out[i] = (ns(us[i]).contiguous() if owners[i] == me
@@ -137,8 +135,7 @@ def _fsdp_orthogonalise(params, us, owners, ns, dtype, apply):
     for s in range(0, len(us), W):
         idx, recv, work = range(s, min(s + W, len(us))), {}, []
         bufs = {}
-        # 1. every shard (padded to ceil rows) -> owner
-        for i in idx:
+        for i in idx:  # 1. every shard (padded to ceil rows) -> owner
             pg, me, rows = groups[i], groups[i].rank(), shard_rows(params[i].shape[0], W)
             if us[i].shape[0] != rows[me]:
                 raise RuntimeError(f"Shard of {tuple(params[i].shape)} has {us[i].shape[0]} rows "
@@ -149,8 +146,7 @@ def _fsdp_orthogonalise(params, us, owners, ns, dtype, apply):
             work.append(dist.gather(send, bufs[i], group_dst=owners[i], group=pg, async_op=True))
         for w in work: w.wait()
         work = []
-        # 2. owner: full matrix -> NS -> row chunks back
-        for i in idx:
+        for i in idx:  # 2. owner: full matrix -> NS -> row chunks back
             pg, me, rows = groups[i], groups[i].rank(), shard_rows(params[i].shape[0], W)
             chunks = None
             if owners[i] == me:
@@ -172,17 +168,13 @@ class MuonAdam(torch.optim.Optimizer):
                  # Muon: EMA momentum, Nesterov look-ahead
                  momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, ns_coeffs=NS_COEFFS, ns_eps: float = 1e-7,
-                 # None: bf16 on CUDA, fp32 on CPU
-                 ns_dtype=None,
-                 # 0.2 sqrt(max(m, n)) (True) or sqrt(max(1, m/n))
-                 rms_scale: bool = True,
+                 ns_dtype=None,  # None: bf16 on CUDA, fp32 on CPU
+                 rms_scale: bool = True,  # 0.2 sqrt(max(m, n)) (True) or sqrt(max(1, m/n))
                  betas=(0.9, 0.95), eps: float = 1e-8,               # Adam group
                  weight_decay: float = 0.0,                          # decoupled, both groups
                  adam_lr: float | None = None,                       # Adam group lr (default: lr)
-                 # split Muon work across ranks (DDP / FSDP2)
-                 distributed: bool = True,
-                 # which rank orthogonalises which matrix
-                 assignment: str = 'round_robin'):
+                 distributed: bool = True,  # split Muon work across ranks (DDP / FSDP2)
+                 assignment: str = 'round_robin'):  # which rank orthogonalises which matrix
         muon_params, adam_params = list(muon_params), list(adam_params)
         for i, p in enumerate(muon_params):
             if p.ndim != 2:
@@ -206,8 +198,7 @@ class MuonAdam(torch.optim.Optimizer):
             raise ValueError("MuonAdam got no parameters: pass the model's split_params(model).")
         super().__init__(groups, dict(lr=lr))
         self.distributed, self.assignment = distributed, assignment
-        # shapes this rank orthogonalised in the last step
-        self.last_work = []
+        self.last_work = []  # shapes this rank orthogonalised in the last step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -232,10 +223,8 @@ class MuonAdam(torch.optim.Optimizer):
             x, grad, m, v = (_local(p), _local(p.grad), _local(st['exp_avg']),
                              _local(st['exp_avg_sq']))
             x.mul_(1 - g['lr'] * g['weight_decay'])
-            # m <- b1 m + (1-b1) g
-            m.lerp_(grad, 1 - b1)
-            # v <- b2 v + (1-b2) g^2
-            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            m.lerp_(grad, 1 - b1)                          # m <- b1 m + (1-b1) g
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)  # v <- b2 v + (1-b2) g^2
             denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(g['eps'])
             # x <- x - lr m_hat / (sqrt(v_hat) + eps)
             x.addcdiv_(m, denom, value=-g['lr'] / (1 - b1**t))
@@ -258,8 +247,7 @@ class MuonAdam(torch.optim.Optimizer):
         def ns_logged(u):
             self.last_work.append(tuple(u.shape))
             return ns(u)
-        # W <- W (1 - lr wd) - lr scale O
-        def apply(i, O):
+        def apply(i, O):  # W <- W (1 - lr wd) - lr scale O
             x = _local(ps[i])
             x.mul_(1 - g['lr'] * g['weight_decay'])
             x.add_(O.to(x.dtype), alpha=-g['lr'] * muon_scale(ps[i].shape, g['rms_scale']))
@@ -286,10 +274,8 @@ class MuonAdam(torch.optim.Optimizer):
 @dataclass
 class OptimConfig:
     "Optimizer settings; the defaults are the PRX speedrun's Muon + Adam."
-    # 'muon' (Muon for block matrices + Adam) or 'adamw' (PRX AdamW baseline)
-    kind: str = 'muon'
-    # every group (Muon's RMS matching lets it share Adam's lr)
-    lr: float = 1e-4
+    kind: str = 'muon'  # 'muon' (Muon for block matrices + Adam) or 'adamw' (PRX AdamW baseline)
+    lr: float = 1e-4  # every group (Muon's RMS matching lets it share Adam's lr)
     muon_lr: float | None = None            # override for the Muon group
     adam_lr: float | None = None            # override for the Adam group
     betas: tuple = (0.9, 0.95)              # Adam / AdamW
@@ -300,12 +286,9 @@ class OptimConfig:
     nesterov: bool = True
     ns_steps: int = 5
     ns_coeffs: tuple = NS_COEFFS
-    # 'bfloat16' | 'float32' | None (bf16 on GPU, fp32 on CPU)
-    ns_dtype: str | None = None
-    # 0.2 sqrt(max(m, n)) (Moonlight, PRX) or sqrt(max(1, m/n)) (Keller)
-    rms_scale: bool = True
-    # a trainable 2-D param whose name contains this goes to Muon
-    muon_key: str = 'blocks.'
+    ns_dtype: str | None = None  # 'bfloat16' | 'float32' | None (bf16 on GPU, fp32 on CPU)
+    rms_scale: bool = True  # 0.2 sqrt(max(m, n)) (Moonlight, PRX) or sqrt(max(1, m/n)) (Keller)
+    muon_key: str = 'blocks.'  # a trainable 2-D param whose name contains this goes to Muon
     # 'round_robin' | 'balanced': which rank orthogonalises which matrix
     assignment: str = 'round_robin'
 
