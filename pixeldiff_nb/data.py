@@ -42,12 +42,12 @@ def _shape_points(shape, cx, cy, r):
     "Polygon vertices of `shape` centred at (cx, cy) with radius r (circles are drawn as ellipses)."
     ang = lambda k, n, off=-90: math.radians(off + 360*k/n)
     if shape == 'square':
-        s = 0.85 * r
-        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+        s = 0.85*r
+        return [(cx-s, cy-s), (cx+s, cy-s), (cx+s, cy+s), (cx-s, cy+s)]
     if shape == 'diamond':
-        return [(cx + r * math.cos(ang(k, 4)), cy + r * math.sin(ang(k, 4))) for k in range(4)]
+        return [(cx + r*math.cos(ang(k, 4)), cy + r*math.sin(ang(k, 4))) for k in range(4)]
     if shape == 'triangle':
-        return [(cx + 1.1 * r * math.cos(ang(k, 3)), cy + 0.2 * r + 1.1 * r * math.sin(ang(k, 3)))
+        return [(cx + 1.1*r*math.cos(ang(k, 3)), cy + 0.2*r + 1.1*r*math.sin(ang(k, 3)))
                 for k in range(3)]
     if shape == 'star':
         return [(cx + (r if k % 2 == 0 else .45*r)*math.cos(ang(k, 10)),
@@ -65,29 +65,24 @@ def shapes_sample(i: int, size=64, seed: int = 0):
     color, bg = str(rng.choice(list(SHAPE_COLORS))), str(rng.choice(list(BACKGROUNDS)))
     x0, y0, x1, y1 = (f*d for f, d in zip(POSITIONS[pos][1], (W, H, W, H)))
     r = SIZES[size_name]*min(H, W)
-    # split the region along its longer side
-    along_x = (x1 - x0) >= (y1 - y0)
+    along_x = (x1 - x0) >= (y1 - y0)  # split the region along its longer side
     cw, ch = ((x1 - x0)/count, y1 - y0) if along_x else (x1 - x0, (y1 - y0)/count)
     boxes = []
     for k in range(count):
-        cx = x0 + cw * (k + 0.5 if along_x else 0.5)
-        cy = y0 + ch * (0.5 if along_x else k + 0.5)
-        # room left to move inside the cell
-        jx, jy = (max(0., c/2 - r*1.15) for c in (cw, ch))
+        cx = x0 + cw*(k + .5 if along_x else .5)
+        cy = y0 + ch*(.5 if along_x else k + .5)
+        jx, jy = (max(0., c/2 - r*1.15) for c in (cw, ch))  # room left to move inside the cell
         boxes.append([float(cx + rng.uniform(-jx, jx)), float(cy + rng.uniform(-jy, jy)), float(r)])
     from PIL import ImageDraw
     s = 2  # supersampling factor
-    im = Image.new('RGB', (W * s, H * s), BACKGROUNDS[bg])
+    im = Image.new('RGB', (W*s, H*s), BACKGROUNDS[bg])
     d = ImageDraw.Draw(im)
     for cx, cy, rr in boxes:
-        if shape == 'circle':
-            d.ellipse([s * (cx - rr), s * (cy - rr), s * (cx + rr), s * (cy + rr)],
-                      fill=SHAPE_COLORS[color])
-        else:
-            d.polygon([(s * x, s * y) for x, y in _shape_points(shape, cx, cy, rr)],
-                      fill=SHAPE_COLORS[color])
-    # 2×2 box average: smooth edges
-    im = im.reduce(s)
+        if shape == 'circle': d.ellipse([s*(cx-rr), s*(cy-rr), s*(cx+rr), s*(cy+rr)],
+                                        fill=SHAPE_COLORS[color])
+        else: d.polygon([(s*x, s*y) for x, y in _shape_points(shape, cx, cy, rr)],
+                        fill=SHAPE_COLORS[color])
+    im = im.reduce(s)  # 2×2 box average: smooth edges
     caption = (f"{NUMBERS[count]} {size_name} {color} {shape}{'s' if count > 1 else ''} "
                f"{POSITIONS[pos][0]} on a {bg} background")
     attrs = dict(count=count, shape=shape, color=color, size=size_name, position=pos, background=bg,
@@ -119,8 +114,7 @@ CAPTION_COLUMNS = ('text', 'caption', 'caption_long', 'prompt', 'txt', 'captions
 @dataclass
 class ImageTextData:
     "A `datasets` dataset (map-style or streamed), its image column and caption columns (weighted)."
-    # datasets.Dataset or IterableDataset, images undecoded
-    ds: object
+    ds: object  # datasets.Dataset or IterableDataset, images undecoded
     image_column: str
     caption_columns: list
     caption_weights: list
@@ -195,16 +189,14 @@ def load_image_text(source=None, *, split: str = 'train', image_column=None, cap
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         return as_image_text(source, image_column, caption_columns, caption_weights,
                              source='dataset')
-    # kw: n, size, seed, aspect_ratios of shapes_dataset
-    if source == 'shapes':
+    if source == 'shapes':  # kw: n, size, seed, aspect_ratios of shapes_dataset
         ds = shapes_dataset(kw.pop('n', 1000), kw.pop('size', 64), kw.pop('seed', 0),
                             kw.pop('aspect_ratios', None))
         return as_image_text(ds.to_iterable_dataset(num_shards=8) if streaming else ds,
                              image_column, caption_columns, caption_weights, source='shapes')
     src = data_samples_dir() if source is None else source
     p = Path(src)
-    # local data: map-style unless streaming=True
-    if p.exists():
+    if p.exists():  # local data: map-style unless streaming=True
         files = [p] if p.is_file() else sorted(f for f in p.rglob('*') if f.is_file())
         pq, tars = ([str(f) for f in files if f.suffix == '.parquet'],
                     [str(f) for f in files if f.suffix == '.tar'])
@@ -317,8 +309,7 @@ def prepare_image(value, report: DataReport, min_side: int = 0, key=None, draft=
         return None
     try:
         with warnings.catch_warnings():
-            # PIL warns about odd but readable files
-            warnings.simplefilter('ignore')
+            warnings.simplefilter('ignore')  # PIL warns about odd but readable files
             im = open_image(value)
             if min(im.size) < min_side:
                 report.skip('too_small', key)
@@ -331,8 +322,7 @@ def prepare_image(value, report: DataReport, min_side: int = 0, key=None, draft=
         return None
     if im.mode != 'RGB':
         report.converted[im.mode] += 1
-        try:
-            im = to_rgb(im)
+        try: im = to_rgb(im)
         except Exception:
             report.skip('undecodable', key)
             return None
