@@ -184,8 +184,7 @@ class TextEncoder:
             model, tokenizer = load_text_model(path, self.dtype, local_files_only=local)
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        # real tokens first: the mask is a prefix of ones
-        self.tokenizer.padding_side = 'right'
+        self.tokenizer.padding_side = 'right'  # real tokens first: the mask is a prefix of ones
         # T5Gemma keeps sizes in .encoder
         cfg = getattr(self.model.config, 'encoder', None) or self.model.config
         self.dim = cfg.hidden_size
@@ -246,8 +245,7 @@ _FORMAT = 'pixeldiff-textcache-1'
 @contextmanager
 def _locked(path: Path):
     "An exclusive advisory lock on `path`.lock during the block (a no-op without fcntl)."
-    try:
-        import fcntl
+    try: import fcntl
     except ImportError:
         yield
         return
@@ -360,8 +358,7 @@ class TextCache:
         self.hits += len(captions) - n_new
         states = torch.zeros(len(captions), self.max_length, self.dim, dtype=self.dtype)
         lens = torch.zeros(len(captions), dtype=torch.long)
-        # re-pad: real tokens first, zeros after
-        for i, c in enumerate(captions):
+        for i, c in enumerate(captions):  # re-pad: real tokens first, zeros after
             r = self.entries[c]
             states[i, :len(r)] = r
             lens[i] = len(r)
