@@ -26,8 +26,7 @@ def scale_span(start: int, end: int, depth: int, ref_depth: int = 16) -> tuple:
         raise ValueError(f"Span {start}..{end} must satisfy 0 <= "
                          f"start <= end < ref_depth={ref_depth}.")
     s, e = round(start * depth / ref_depth), round((end + 1) * depth / ref_depth) - 1
-    # keep a dense block before the span if the original had one
-    if start > 0: s = max(s, 1)
+    if start > 0: s = max(s, 1)  # keep a dense block before the span if the original had one
     if end < ref_depth - 1: e = min(e, depth - 2)  # ... and after it
     if s > e:
         raise ValueError(f"A {depth}-block model is too shallow for span "
@@ -38,12 +37,11 @@ def scale_span(start: int, end: int, depth: int, ref_depth: int = 16) -> tuple:
 @dataclass
 class TreadConfig:
     "TREAD: a random `rate` of the image tokens skips blocks start..end (inclusive) while training."
-    # fraction of image tokens routed around the span (recipe: 0.5); 0 = dense
-    rate: float = 0.5
-    start: int = 2             # first routed block, 0-based (public config: route_start 2)
-    end: int = 12              # last routed block, inclusive (public config: route_end 12 of 16)
-    seed: int = 42             # base seed of the routing generator, mixed with step and rank
-    enabled: bool = True       # False: never route
+    rate: float = 0.5     # fraction of image tokens routed around the span (recipe: 0.5); 0 = dense
+    start: int = 2        # first routed block, 0-based (public config: route_start 2)
+    end: int = 12         # last routed block, inclusive (public config: route_end 12 of 16)
+    seed: int = 42        # base seed of the routing generator, mixed with step and rank
+    enabled: bool = True  # False: never route
     # True: evaluation and sampling run dense (self-guidance asks for routing itself)
     train_only: bool = True
 
@@ -96,8 +94,7 @@ def make_route_plan(B: int, N: int, rate: float, start: int, end: int, *, step: 
     k = routed_count(N, rate)
     if k == 0: return None
     g = torch.Generator().manual_seed(route_seed(seed, step, rank))
-    # uniform, independent per sample and token
-    scores = torch.rand(B, N, generator=g)
+    scores = torch.rand(B, N, generator=g)  # uniform, independent per sample and token
     keep = scores.argsort(dim=1)[:, k:].sort(dim=1).values       # the k lowest scores are routed
     if device is not None and torch.device(device).type == 'cuda':
         # no host sync: the CPU can keep queueing work
@@ -163,8 +160,7 @@ def self_guidance_denoiser(model: nn.Module, txt: torch.Tensor, mask: torch.Tens
             plans[key] = make_route_plan(B, N, rate, start, end, step=0, rank=0, seed=seed,
                                          device=x.device)
         routed = model(x, t, txt, mask, route=plans[key], **model_kwargs)
-        # x̂₀ = routed + s·(dense − routed)
-        return routed + scale * (dense - routed)
+        return routed + scale * (dense - routed)  # x̂₀ = routed + s·(dense − routed)
     return denoise
 
 # %% ../nbs/07_tread.ipynb #e5f79c76
