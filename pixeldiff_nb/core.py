@@ -33,13 +33,13 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
-    "The autocast dtype for `device`: bf16 on a GPU that supports it, `None` (plain fp32) otherwise."
+    "The autocast dtype for `device`: bf16 on a GPU that supports it, else `None` (plain fp32)."
     device = torch.device(device)
     if device.type == 'cuda' and torch.cuda.is_bf16_supported(): return torch.bfloat16
     return None
 
 def autocast(device: str | torch.device, dtype: torch.dtype | None = None):
-    "A context that autocasts to `dtype` (default `autocast_dtype(device)`) or does nothing when that is `None`."
+    "Autocast to `dtype` (default `autocast_dtype(device)`); a no-op context when that is `None`."
     device = torch.device(device)
     dtype = dtype if dtype is not None else autocast_dtype(device)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -51,16 +51,17 @@ def repo_root() -> Path:
     return Path(importlib.util.find_spec('pixeldiff_nb').origin).resolve().parent.parent
 
 def data_samples_dir() -> Path:
-    "The bundled image–caption set: `$PIXELDIFF_DATA_SAMPLES` if set, else `data_samples/` in the checkout."
+    "The bundled image–caption set: `$PIXELDIFF_DATA_SAMPLES`, else the checkout's `data_samples/`."
     p = Path(os.environ.get('PIXELDIFF_DATA_SAMPLES', repo_root()/'data_samples'))
     if not p.is_dir():
-        raise FileNotFoundError(f"No data_samples folder at {p}: run from a git checkout of pixeldiff_nb "
-                                f"or set PIXELDIFF_DATA_SAMPLES to the folder.")
+        raise FileNotFoundError(f"No data_samples folder at {p}: run from a git checkout of "
+                                "pixeldiff_nb or set PIXELDIFF_DATA_SAMPLES to the folder.")
     return p
 
 def cache_dir(*parts: str) -> Path:
-    "A folder under the project cache (`$PIXELDIFF_CACHE`, default `~/.cache/pixeldiff_nb`), created if needed."
-    p = Path(os.environ.get('PIXELDIFF_CACHE', Path.home()/'.cache'/'pixeldiff_nb')).joinpath(*parts)
+    "A folder (created if needed) under `$PIXELDIFF_CACHE`, by default `~/.cache/pixeldiff_nb`."
+    p = Path(os.environ.get('PIXELDIFF_CACHE',
+                            Path.home()/'.cache'/'pixeldiff_nb')).joinpath(*parts)
     p.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -70,7 +71,7 @@ class MissingWeightsError(RuntimeError):
 
 _HUB_OK = {}
 def hub_reachable(host: str = 'huggingface.co', timeout: float = 3.0) -> bool:
-    "Whether the hub answers a TCP connection within `timeout` seconds (cached; always False under `HF_HUB_OFFLINE=1`)."
+    "Whether the hub answers TCP within `timeout` s (cached; False under `HF_HUB_OFFLINE=1`)."
     if os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', '', 'false', 'False'): return False
     if host not in _HUB_OK:
         import socket
@@ -80,16 +81,18 @@ def hub_reachable(host: str = 'huggingface.co', timeout: float = 3.0) -> bool:
     return _HUB_OK[host]
 
 def resolve_pretrained(hub_id: str, local_dir: str | os.PathLike | None = None) -> str:
-    "A local folder holding `hub_id`'s files, or `hub_id` itself when the hub is reachable; else `MissingWeightsError`."
+    "Local folder with `hub_id`'s files, or `hub_id` if the hub answers; else MissingWeightsError."
     if local_dir is not None:
         p = Path(local_dir)
         if (p/'config.json').exists(): return str(p)
-        raise MissingWeightsError(f"{p} has no config.json: point local_dir at a folder saved with save_pretrained() "
-                                  f"or downloaded with `hf download {hub_id} --local-dir {p}`.")
+        raise MissingWeightsError(f"{p} has no config.json: point local_dir at a "
+                                  "folder saved with save_pretrained() or downloaded "
+                                  f"with `hf download {hub_id} --local-dir {p}`.")
     looked = []
     base = os.environ.get('PIXELDIFF_MODEL_DIR')
     if base:
-        for c in (Path(base)/hub_id.replace('/', '--'), Path(base)/hub_id.split('/')[-1], Path(base)/hub_id):
+        for c in (Path(base)/hub_id.replace('/', '--'), Path(base)/hub_id.split('/')[-1],
+                  Path(base)/hub_id):
             looked.append(str(c))
             if (c/'config.json').exists(): return str(c)
     try:
@@ -97,24 +100,28 @@ def resolve_pretrained(hub_id: str, local_dir: str | os.PathLike | None = None) 
         return snapshot_download(hub_id, local_files_only=True)
     except Exception: looked.append('the Hugging Face cache')
     if hub_reachable(): return hub_id
-    raise MissingWeightsError(f"Weights for '{hub_id}' are not available offline (looked in {', '.join(looked)}): "
-                              f"download them with `hf download {hub_id} --local-dir DIR` on a machine with internet, then "
-                              f"pass that folder or set PIXELDIFF_MODEL_DIR to its parent folder (DIR named "
-                              f"{hub_id.replace('/', '--')}).")
+    raise MissingWeightsError(f"Weights for '{hub_id}' are not available offline (looked "
+                              f"in {', '.join(looked)}): download them with `hf download "
+                              f"{hub_id} --local-dir DIR` on a machine with internet, "
+                              "then pass that folder or set PIXELDIFF_MODEL_DIR to its "
+                              f"parent folder (DIR named {hub_id.replace('/', '--')}).")
 
 # %% ../nbs/00_core.ipynb #35cef721
 @contextmanager
 def quiet_hf():
-    "Silence transformers' and datasets' progress bars and load reports inside the block (settings restored after)."
+    "Silence transformers' and datasets' progress bars and load reports in the block, then restore."
     from transformers.utils import logging as tf_logging
     import datasets
     tf_bar, tf_level = tf_logging.is_progress_bar_enabled(), tf_logging.get_verbosity()
     ds_bar, ds_level = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
-    tf_logging.disable_progress_bar(); tf_logging.set_verbosity_error()
-    datasets.disable_progress_bars(); datasets.logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    tf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     try: yield
     finally:
-        tf_logging.set_verbosity(tf_level); datasets.logging.set_verbosity(ds_level)
+        tf_logging.set_verbosity(tf_level)
+        datasets.logging.set_verbosity(ds_level)
         if tf_bar: tf_logging.enable_progress_bar()
         if ds_bar: datasets.enable_progress_bars()
 
@@ -148,67 +155,81 @@ def _as_hwc(im):
     if im.ndim == 2: im = im[None]
     return im.clamp(-1, 1).add(1).div(2).permute(1, 2, 0).numpy().squeeze()
 
-def show_images(ims, titles=None, ncols: int | None = None, size: float = 1.6, suptitle: str | None = None,
-                title_width: int = 24, fontsize: float = 7):
+def show_images(ims, titles=None, ncols: int | None = None, size: float = 1.6,
+                suptitle: str | None = None, title_width: int = 24, fontsize: float = 7):
     "Draw images (tensors in [-1, 1] or PIL) in a grid with optional titles; returns the figure."
     ims = list(ims)
     n = len(ims)
     ncols = ncols or min(n, 8)
     nrows = math.ceil(n / ncols)
     tlines = max([len(textwrap.wrap(str(t), title_width)) for t in titles] if titles else [0])
-    fig, axs = plt.subplots(nrows, ncols, figsize=(ncols*size, nrows*(size + 0.14*tlines)), squeeze=False, dpi=72)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(ncols*size, nrows*(size + 0.14*tlines)),
+                            squeeze=False, dpi=72)
     for i, ax in enumerate(axs.flat):
         ax.axis('off')
         if i >= n: continue
         a = _as_hwc(ims[i])
-        ax.imshow(a, cmap='gray' if a.ndim == 2 else None, vmin=0 if a.dtype != np.uint8 else None, vmax=1 if a.dtype != np.uint8 else None)
-        if titles is not None: ax.set_title('\n'.join(textwrap.wrap(str(titles[i]), title_width)), fontsize=fontsize)
+        ax.imshow(a, cmap='gray' if a.ndim == 2 else None, vmin=0 if a.dtype != np.uint8 else None,
+                  vmax=1 if a.dtype != np.uint8 else None)
+        if titles is not None:
+            ax.set_title('\n'.join(textwrap.wrap(str(titles[i]), title_width)), fontsize=fontsize)
     if suptitle: fig.suptitle(suptitle, fontsize=fontsize + 2)
     fig.tight_layout()
     return fig
 
 def save_images(ims, path, titles=None, ncols: int | None = None, **kwargs) -> Path:
     "Write `show_images`' grid to `path` (PNG) and close the figure; returns the path."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig = show_images(ims, titles, ncols, **kwargs)
-    fig.savefig(path, dpi=72); plt.close(fig)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
     return path
 
 # %% ../nbs/00_core.ipynb #c3891b57
 class Timer:
-    "Context manager measuring wall-clock seconds of its block (synchronising CUDA if in use); result in `.elapsed`."
-    def __init__(self, name: str = '', verbose: bool = False): self.name, self.verbose, self.elapsed = name, verbose, 0.0
+    "Measure the wall-clock seconds of the block (syncing CUDA if in use) into `.elapsed`."
+    def __init__(self, name: str = '', verbose: bool = False):
+        self.name, self.verbose, self.elapsed = name, verbose, 0.0
     def _sync(self):
         if torch.cuda.is_available() and torch.cuda.is_initialized(): torch.cuda.synchronize()
     def __enter__(self):
-        self._sync(); self.t0 = time.perf_counter(); return self
+        self._sync()
+        self.t0 = time.perf_counter()
+        return self
     def __exit__(self, *exc):
-        self._sync(); self.elapsed = time.perf_counter() - self.t0
+        self._sync()
+        self.elapsed = time.perf_counter() - self.t0
         if self.verbose: print(f'{self.name}: {self.elapsed*1e3:.1f} ms')
 
 # %% ../nbs/00_core.ipynb #843d907d
 _BUDGET = {'full': False}
 
 def skip_flagged(lines: list) -> list:
-    "IPython input transformer: a `#| slow` cell (unless full) or a `#| gpu` cell without a GPU prints a note instead."
+    "IPython input transformer: a `#| slow` (unless full) or `#| gpu` (no GPU) cell prints a note."
     n = next((k for k, l in enumerate(lines) if l.strip() and not l.startswith('#')), len(lines))
-    flags = {w for l in lines[:n] if l.startswith('#|') for w in l[2:].split()}   # the leading directives
+    # the leading directives
+    flags = {w for l in lines[:n] if l.startswith('#|') for w in l[2:].split()}
     why = None
-    if 'slow' in flags and not _BUDGET['full']: why = 'a full-budget cell (FULL = full_budget(True) runs it)'
-    elif 'gpu' in flags and not torch.cuda.is_available(): why = 'a GPU cell and this machine has no GPU'
+    if 'slow' in flags and not _BUDGET['full']:
+        why = 'a full-budget cell (FULL = full_budget(True) runs it)'
+    elif 'gpu' in flags and not torch.cuda.is_available():
+        why = 'a GPU cell and this machine has no GPU'
     if why is None: return lines
     note = f'Skipped: {why}; the notebook file keeps the output of a full run.'
     return [f'print({note!r})\n']
 
 def full_budget(full: bool = False) -> bool:
-    "Whether a notebook runs its full experiments (`full` or `PIXELDIFF_FULL=1`); in IPython, arms `skip_flagged`."
+    "Whether to run full experiments (`full` or `PIXELDIFF_FULL=1`); arms `skip_flagged` in IPython"
     env = os.environ.get('PIXELDIFF_FULL', '').strip().lower()
     if env not in ('', '0', 'false', '1', 'true'):
-        raise ValueError(f"PIXELDIFF_FULL={env!r}: set it to 1 (full budgets) or 0 (quick budgets).")
+        raise ValueError(f"PIXELDIFF_FULL={env!r}: set it to 1 "
+                         "(full budgets) or 0 (quick budgets).")
     _BUDGET['full'] = bool(full) or env in ('1', 'true')
     try: from IPython import get_ipython
     except ImportError: return _BUDGET['full']
     ip = get_ipython()
     names = [getattr(f, '__name__', '') for f in getattr(ip, 'input_transformers_cleanup', [])]
-    if ip is not None and 'skip_flagged' not in names: ip.input_transformers_cleanup.append(skip_flagged)
+    if ip is not None and 'skip_flagged' not in names:
+        ip.input_transformers_cleanup.append(skip_flagged)
     return _BUDGET['full']

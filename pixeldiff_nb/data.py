@@ -21,30 +21,42 @@ __all__ = ['SHAPE_COLORS', 'BACKGROUNDS', 'SHAPES', 'POSITIONS', 'SIZES', 'NUMBE
            'mix_image_text']
 
 # %% ../nbs/01_data.ipynb #c81e39d3
-SHAPE_COLORS = {'red': (220, 40, 40), 'green': (40, 160, 70), 'blue': (40, 90, 220), 'yellow': (240, 200, 40),
-                'purple': (140, 70, 190), 'orange': (245, 140, 30), 'pink': (240, 120, 180), 'brown': (130, 80, 40)}
-BACKGROUNDS = {'white': (255, 255, 255), 'black': (20, 20, 20), 'gray': (150, 150, 150), 'cream': (245, 235, 210)}
+SHAPE_COLORS = {'red': (220, 40, 40), 'green': (40, 160, 70), 'blue': (40, 90, 220),
+                'yellow': (240, 200, 40), 'purple': (140, 70, 190), 'orange': (245, 140, 30),
+                'pink': (240, 120, 180), 'brown': (130, 80, 40)}
+BACKGROUNDS = {'white': (255, 255, 255), 'black': (20, 20, 20), 'gray': (150, 150, 150),
+               'cream': (245, 235, 210)}
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'star')
 POSITIONS = {  # name -> (caption phrase, region as fractions x0, y0, x1, y1 of the canvas)
     'center': ('in the center', (.1, .1, .9, .9)), 'left': ('on the left', (0, 0, .5, 1)),
-    'right': ('on the right', (.5, 0, 1, 1)), 'top': ('at the top', (0, 0, 1, .5)), 'bottom': ('at the bottom', (0, .5, 1, 1)),
-    'top left': ('in the top left corner', (0, 0, .5, .5)), 'top right': ('in the top right corner', (.5, 0, 1, .5)),
-    'bottom left': ('in the bottom left corner', (0, .5, .5, 1)), 'bottom right': ('in the bottom right corner', (.5, .5, 1, 1))}
+    'right': ('on the right', (.5, 0, 1, 1)), 'top': ('at the top', (0, 0, 1, .5)),
+    'bottom': ('at the bottom', (0, .5, 1, 1)),
+    'top left': ('in the top left corner', (0, 0, .5, .5)),
+    'top right': ('in the top right corner', (.5, 0, 1, .5)),
+    'bottom left': ('in the bottom left corner', (0, .5, .5, 1)),
+    'bottom right': ('in the bottom right corner', (.5, .5, 1, 1))}
 SIZES = {'small': 0.07, 'large': 0.13}  # shape radius as a fraction of the image's shorter side
 NUMBERS = {1: 'a', 2: 'two', 3: 'three'}
 
 def _shape_points(shape, cx, cy, r):
     "Polygon vertices of `shape` centred at (cx, cy) with radius r (circles are drawn as ellipses)."
     ang = lambda k, n, off=-90: math.radians(off + 360*k/n)
-    if shape == 'square': s = 0.85*r; return [(cx-s, cy-s), (cx+s, cy-s), (cx+s, cy+s), (cx-s, cy+s)]
-    if shape == 'diamond': return [(cx + r*math.cos(ang(k, 4)), cy + r*math.sin(ang(k, 4))) for k in range(4)]
-    if shape == 'triangle': return [(cx + 1.1*r*math.cos(ang(k, 3)), cy + 0.2*r + 1.1*r*math.sin(ang(k, 3))) for k in range(3)]
-    if shape == 'star': return [(cx + (r if k % 2 == 0 else .45*r)*math.cos(ang(k, 10)), cy + (r if k % 2 == 0 else .45*r)*math.sin(ang(k, 10))) for k in range(10)]
+    if shape == 'square':
+        s = 0.85*r
+        return [(cx-s, cy-s), (cx+s, cy-s), (cx+s, cy+s), (cx-s, cy+s)]
+    if shape == 'diamond':
+        return [(cx + r*math.cos(ang(k, 4)), cy + r*math.sin(ang(k, 4))) for k in range(4)]
+    if shape == 'triangle':
+        return [(cx + 1.1*r*math.cos(ang(k, 3)), cy + 0.2*r + 1.1*r*math.sin(ang(k, 3)))
+                for k in range(3)]
+    if shape == 'star':
+        return [(cx + (r if k % 2 == 0 else .45*r)*math.cos(ang(k, 10)),
+                 cy + (r if k % 2 == 0 else .45*r)*math.sin(ang(k, 10))) for k in range(10)]
     raise ValueError(f'unknown shape {shape!r}; choose from {SHAPES}')
 
 # %% ../nbs/01_data.ipynb #bc4e6325
 def shapes_sample(i: int, size=64, seed: int = 0):
-    "Sample `i` of the shapes set at `size` (int or (H, W)): (PIL image, caption, attrs with each shape's box)."
+    "Sample `i` of the shapes set at `size` (int or (H, W)): (PIL image, caption, attrs with boxes)"
     H, W = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng([seed, i])
     count = int(rng.integers(1, 4))
@@ -53,28 +65,33 @@ def shapes_sample(i: int, size=64, seed: int = 0):
     color, bg = str(rng.choice(list(SHAPE_COLORS))), str(rng.choice(list(BACKGROUNDS)))
     x0, y0, x1, y1 = (f*d for f, d in zip(POSITIONS[pos][1], (W, H, W, H)))
     r = SIZES[size_name]*min(H, W)
-    along_x = (x1 - x0) >= (y1 - y0)                                   # split the region along its longer side
+    along_x = (x1 - x0) >= (y1 - y0)  # split the region along its longer side
     cw, ch = ((x1 - x0)/count, y1 - y0) if along_x else (x1 - x0, (y1 - y0)/count)
     boxes = []
     for k in range(count):
-        cx = x0 + cw*(k + .5 if along_x else .5); cy = y0 + ch*(.5 if along_x else k + .5)
-        jx, jy = (max(0., c/2 - r*1.15) for c in (cw, ch))                # room left to move inside the cell
+        cx = x0 + cw*(k + .5 if along_x else .5)
+        cy = y0 + ch*(.5 if along_x else k + .5)
+        jx, jy = (max(0., c/2 - r*1.15) for c in (cw, ch))  # room left to move inside the cell
         boxes.append([float(cx + rng.uniform(-jx, jx)), float(cy + rng.uniform(-jy, jy)), float(r)])
     from PIL import ImageDraw
-    s = 2                                                              # supersampling factor
-    im = Image.new('RGB', (W*s, H*s), BACKGROUNDS[bg]); d = ImageDraw.Draw(im)
+    s = 2  # supersampling factor
+    im = Image.new('RGB', (W*s, H*s), BACKGROUNDS[bg])
+    d = ImageDraw.Draw(im)
     for cx, cy, rr in boxes:
-        if shape == 'circle': d.ellipse([s*(cx-rr), s*(cy-rr), s*(cx+rr), s*(cy+rr)], fill=SHAPE_COLORS[color])
-        else: d.polygon([(s*x, s*y) for x, y in _shape_points(shape, cx, cy, rr)], fill=SHAPE_COLORS[color])
-    im = im.reduce(s)                                                  # 2×2 box average: smooth edges
-    caption = f"{NUMBERS[count]} {size_name} {color} {shape}{'s' if count > 1 else ''} {POSITIONS[pos][0]} on a {bg} background"
+        if shape == 'circle': d.ellipse([s*(cx-rr), s*(cy-rr), s*(cx+rr), s*(cy+rr)],
+                                        fill=SHAPE_COLORS[color])
+        else: d.polygon([(s*x, s*y) for x, y in _shape_points(shape, cx, cy, rr)],
+                        fill=SHAPE_COLORS[color])
+    im = im.reduce(s)  # 2×2 box average: smooth edges
+    caption = (f"{NUMBERS[count]} {size_name} {color} {shape}{'s' if count > 1 else ''} "
+               f"{POSITIONS[pos][0]} on a {bg} background")
     attrs = dict(count=count, shape=shape, color=color, size=size_name, position=pos, background=bg,
                  boxes=boxes, height=H, width=W)
     return im, caption, attrs
 
 # %% ../nbs/01_data.ipynb #55a97cbc
 def shapes_dataset(n: int, size=64, seed: int = 0, aspect_ratios=None):
-    "A `datasets.Dataset` of `n` shapes samples (columns image, text, attrs); `aspect_ratios` (W/H) draws one per sample."
+    "A `datasets.Dataset` of `n` shapes (image, text, attrs); one `aspect_ratios` (W/H) each."
     import datasets
     rows = dict(image=[], text=[], attrs=[])
     for i in range(n):
@@ -84,25 +101,29 @@ def shapes_dataset(n: int, size=64, seed: int = 0, aspect_ratios=None):
             ar = float(np.random.default_rng([seed, i, 1]).choice(aspect_ratios))
             hw = (max(8, round(base/math.sqrt(ar)/8)*8), max(8, round(base*math.sqrt(ar)/8)*8))
         im, cap, at = shapes_sample(i, hw, seed)
-        rows['image'].append(im); rows['text'].append(cap); rows['attrs'].append(at)
+        rows['image'].append(im)
+        rows['text'].append(cap)
+        rows['attrs'].append(at)
     return datasets.Dataset.from_dict(rows).cast_column('image', datasets.Image())
 
 # %% ../nbs/01_data.ipynb #e6762bcd
 IMAGE_COLUMNS = ('image', 'img', 'jpg', 'jpeg', 'png', 'webp', 'image_bytes')
-CAPTION_COLUMNS = ('text', 'caption', 'caption_long', 'prompt', 'txt', 'captions', 'long_caption', 'short_caption',
-                   'description', 'caption_short')
+CAPTION_COLUMNS = ('text', 'caption', 'caption_long', 'prompt', 'txt', 'captions', 'long_caption',
+                   'short_caption', 'description', 'caption_short')
 
 @dataclass
 class ImageTextData:
-    "A `datasets` dataset (map-style or streaming) plus which column is the image and which are captions (with weights)."
-    ds: object                                                # datasets.Dataset or IterableDataset, images undecoded
+    "A `datasets` dataset (map-style or streamed), its image column and caption columns (weighted)."
+    ds: object  # datasets.Dataset or IterableDataset, images undecoded
     image_column: str
     caption_columns: list
     caption_weights: list
     source: str = ''
     bad_lines: list = field(default_factory=list)            # 'file:line' of skipped metadata lines
     @property
-    def streaming(self) -> bool: import datasets; return isinstance(self.ds, datasets.IterableDataset)
+    def streaming(self) -> bool:
+        import datasets
+        return isinstance(self.ds, datasets.IterableDataset)
     def __len__(self): return len(self.ds)
     def select(self, indices) -> 'ImageTextData':
         "The same data restricted to rows `indices` (map-style)."
@@ -114,30 +135,34 @@ def _ftype(f) -> str:
     import datasets
     if isinstance(f, (datasets.Image, Image.Image)): return 'Image'
     if isinstance(f, datasets.Value): return f.dtype
-    if isinstance(f, (datasets.List, datasets.LargeList, datasets.Sequence, list, tuple)): return 'list'
+    if isinstance(f, (datasets.List, datasets.LargeList, datasets.Sequence, list, tuple)):
+        return 'list'
     if isinstance(f, dict): return 'Image' if set(f) == {'bytes', 'path'} else 'struct'
     return {'str': 'string', 'bytes': 'binary'}.get(type(f).__name__, type(f).__name__)
 
 def _columns(ds) -> dict:
-    "Column name -> short type name (from the features, or from the first row of an untyped stream)."
+    "Column name -> short type name (from the features, or from an untyped stream's first row)."
     if ds.features is not None: return {k: _ftype(v) for k, v in ds.features.items()}
     return {k: _ftype(v) for k, v in next(iter(ds.take(1))).items()}
 
-def as_image_text(ds, image_column=None, caption_columns=None, caption_weights=None, source='dataset') -> ImageTextData:
-    "Wrap a `datasets` dataset: detect (or check) the image and caption columns, keep images undecoded."
+def as_image_text(ds, image_column=None, caption_columns=None, caption_weights=None,
+                  source='dataset') -> ImageTextData:
+    "Wrap a `datasets` dataset: find (or check) the image and caption columns; images undecoded."
     import datasets
     if isinstance(ds, ImageTextData): return ds
     cols = _columns(ds)
     found = ', '.join(f'{k} ({v})' for k, v in cols.items())
     if image_column is None:
         image_column = next((k for k in cols if cols[k] == 'Image'), None) or \
-                       next((k for k in IMAGE_COLUMNS if cols.get(k) in ('binary', 'large_binary')), None)
+                       next((k for k in IMAGE_COLUMNS if cols.get(k) in ('binary', 'large_binary')),
+                            None)
     if image_column is None or image_column not in cols:
         raise ValueError(f"{source}: no usable image column (columns found: {found}); name it "
                          f"'image' (Python: image_column=NAME)")
     detected = [k for k in CAPTION_COLUMNS if cols.get(k) in ('string', 'large_string', 'list')]
     caption_columns = detected if caption_columns is None else caption_columns
-    caption_columns = [caption_columns] if isinstance(caption_columns, str) else list(caption_columns)
+    caption_columns = ([caption_columns] if isinstance(caption_columns, str)
+                       else list(caption_columns))
     missing = [c for c in caption_columns if c not in cols]
     if missing and detected:               # a preset's columns on another folder: use what is there
         print(f"{source}: caption columns {missing} not found; using {detected} "
@@ -146,29 +171,35 @@ def as_image_text(ds, image_column=None, caption_columns=None, caption_weights=N
     if not caption_columns or missing and not detected:
         raise ValueError(f"{source}: no usable caption column (columns found: {found}); set "
                          f"data.caption_columns=[NAME,...] (Python: caption_columns=[NAME, ...])")
-    w = [1.0]*len(caption_columns) if caption_weights is None else [float(x) for x in caption_weights]
+    w = ([1.0]*len(caption_columns) if caption_weights is None
+         else [float(x) for x in caption_weights])
     if len(w) != len(caption_columns) or min(w) < 0 or sum(w) <= 0:
-        raise ValueError(f'caption_weights {caption_weights} must be {len(caption_columns)} non-negative numbers, not all zero')
-    if cols[image_column] == 'Image': ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        raise ValueError(f'caption_weights {caption_weights} must be '
+                         f'{len(caption_columns)} non-negative numbers, not all zero')
+    if cols[image_column] == 'Image':
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ImageTextData(ds, image_column, caption_columns, w, source)
 
 # %% ../nbs/01_data.ipynb #60ca3cdb
-def load_image_text(source=None, *, split: str = 'train', image_column=None, caption_columns=None, caption_weights=None,
-                    streaming: bool | None = None, **kw) -> ImageTextData:
-    "Load image–caption data: the bundled set (default), 'shapes', a `datasets` object, a local folder, or a hub id."
+def load_image_text(source=None, *, split: str = 'train', image_column=None, caption_columns=None,
+                    caption_weights=None, streaming: bool | None = None, **kw) -> ImageTextData:
+    "Load image–caption data: bundled set (default), 'shapes', `datasets` object, folder, hub id."
     import datasets
     from pixeldiff_nb.core import hub_reachable
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-        return as_image_text(source, image_column, caption_columns, caption_weights, source='dataset')
-    if source == 'shapes':                                    # kw: n, size, seed, aspect_ratios of shapes_dataset
-        ds = shapes_dataset(kw.pop('n', 1000), kw.pop('size', 64), kw.pop('seed', 0), kw.pop('aspect_ratios', None))
-        return as_image_text(ds.to_iterable_dataset(num_shards=8) if streaming else ds, image_column, caption_columns,
-                             caption_weights, source='shapes')
+        return as_image_text(source, image_column, caption_columns, caption_weights,
+                             source='dataset')
+    if source == 'shapes':  # kw: n, size, seed, aspect_ratios of shapes_dataset
+        ds = shapes_dataset(kw.pop('n', 1000), kw.pop('size', 64), kw.pop('seed', 0),
+                            kw.pop('aspect_ratios', None))
+        return as_image_text(ds.to_iterable_dataset(num_shards=8) if streaming else ds,
+                             image_column, caption_columns, caption_weights, source='shapes')
     src = data_samples_dir() if source is None else source
     p = Path(src)
-    if p.exists():                                            # local data: map-style unless streaming=True
+    if p.exists():  # local data: map-style unless streaming=True
         files = [p] if p.is_file() else sorted(f for f in p.rglob('*') if f.is_file())
-        pq, tars = [str(f) for f in files if f.suffix == '.parquet'], [str(f) for f in files if f.suffix == '.tar']
+        pq, tars = ([str(f) for f in files if f.suffix == '.parquet'],
+                    [str(f) for f in files if f.suffix == '.tar'])
         args = dict(split=split, streaming=bool(streaming), **kw)
         with quiet_hf():
             bad = []
@@ -178,12 +209,15 @@ def load_image_text(source=None, *, split: str = 'train', image_column=None, cap
                 rows, bad = read_metadata(p)           # malformed metadata lines: use the good rows
                 ds = (_rows_dataset(rows, streaming) if bad else
                       datasets.load_dataset('imagefolder', data_dir=str(p), **args))
-    else:                                                     # a hub id: streamed unless streaming=False
+    else:
+        # a hub id: streamed unless streaming=False
         if not hub_reachable():
-            raise FileNotFoundError(f"'{src}' is not a local folder and the hub is unreachable: download it with "
-                                    f"`hf download {src} --repo-type dataset --local-dir DIR` and pass DIR")
+            raise FileNotFoundError(f"'{src}' is not a local folder and the hub is "
+                                    f"unreachable: download it with `hf download {src} "
+                                    "--repo-type dataset --local-dir DIR` and pass DIR")
         bad = []
-        ds = datasets.load_dataset(str(src), split=split, streaming=streaming is None or streaming, **kw)
+        ds = datasets.load_dataset(str(src), split=split, streaming=streaming is None or streaming,
+                                   **kw)
     data = as_image_text(ds, image_column, caption_columns, caption_weights, source=str(src))
     data.bad_lines = bad
     return data
@@ -212,7 +246,7 @@ def _rows_dataset(rows: list, streaming):
 # %% ../nbs/01_data.ipynb #392fa7d8
 @dataclass
 class DataReport:
-    "Counts of records seen, used, skipped (by reason) and converted (by original mode), with a few example keys."
+    "Records seen, used, skipped (by reason), converted (by original mode), with some example keys."
     seen: int = 0
     used: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -220,15 +254,20 @@ class DataReport:
     examples: dict = field(default_factory=dict)
     def skip(self, reason: str, key=None):
         self.skipped[reason] += 1
-        if key is not None and len(self.examples.setdefault(reason, [])) < 3: self.examples[reason].append(key)
+        if key is not None and len(self.examples.setdefault(reason, [])) < 3:
+            self.examples[reason].append(key)
     def merge(self, other: 'DataReport'):
-        self.seen += other.seen; self.used += other.used
-        self.skipped.update(other.skipped); self.converted.update(other.converted)
+        self.seen += other.seen
+        self.used += other.used
+        self.skipped.update(other.skipped)
+        self.converted.update(other.converted)
         for k, v in other.examples.items(): self.examples[k] = (self.examples.get(k, []) + v)[:3]
         return self
     def add_bad_lines(self, where: list) -> 'DataReport':
         "Count malformed metadata lines ('file:line') as seen and skipped."
-        for w in where: self.seen += 1; self.skip('bad_metadata_line', w)
+        for w in where:
+            self.seen += 1
+            self.skip('bad_metadata_line', w)
         return self
     def to_dict(self) -> dict:
         "The counts as a JSON-ready dict (with the file:line of malformed metadata lines)."
@@ -248,7 +287,7 @@ class DataReport:
         return f'{self.seen} records seen, {self.used} used; skipped: {sk}; converted: {cv}'
 
 def open_image(value) -> Image.Image:
-    "A lazily opened PIL image (header read, pixels not yet) from a PIL image, a {'bytes','path'} dict, bytes or a path."
+    "A lazily opened PIL image from a PIL image, a {'bytes','path'} dict, bytes or a path."
     if isinstance(value, Image.Image): return value
     if isinstance(value, dict): b, p = value.get('bytes'), value.get('path')
     elif isinstance(value, (bytes, bytearray, memoryview)): b, p = bytes(value), None
@@ -258,33 +297,48 @@ def open_image(value) -> Image.Image:
 
 def decode_image(value) -> Image.Image:
     "A fully decoded PIL image from what an image column holds."
-    im = open_image(value); im.load(); return im
+    im = open_image(value)
+    im.load()
+    return im
 
 # %% ../nbs/01_data.ipynb #8a157e68
 def prepare_image(value, report: DataReport, min_side: int = 0, key=None, draft=None):
-    "Decode one record's image and convert it to 8-bit RGB; None (and counted) when it must be skipped."
-    if value is None: report.skip('missing_image', key); return None
+    "Decode one record's image and convert it to 8-bit RGB; None (counted) when it is skipped."
+    if value is None:
+        report.skip('missing_image', key)
+        return None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter('ignore')                   # PIL warns about odd but readable files
+            warnings.simplefilter('ignore')  # PIL warns about odd but readable files
             im = open_image(value)
-            if min(im.size) < min_side: report.skip('too_small', key); return None
-            if draft is not None and im.format == 'JPEG': im.draft('RGB', draft)  # DCT-domain downscale, still >= draft (W, H)
+            if min(im.size) < min_side:
+                report.skip('too_small', key)
+                return None
+            # DCT-domain downscale, still >= draft (W, H)
+            if draft is not None and im.format == 'JPEG': im.draft('RGB', draft)
             im.load()
-    except Exception: report.skip('undecodable', key); return None
+    except Exception:
+        report.skip('undecodable', key)
+        return None
     if im.mode != 'RGB':
         report.converted[im.mode] += 1
         try: im = to_rgb(im)
-        except Exception: report.skip('undecodable', key); return None
+        except Exception:
+            report.skip('undecodable', key)
+            return None
     return im
 
 def choose_caption(row: dict, columns, weights, rng: np.random.Generator):
-    "A weighted random choice among the caption columns that hold text (a list column gives one of its items); None if none do."
+    "A weighted random choice among caption columns with text (a list gives one item); else None."
     opts, ws = [], []
     for c, w in zip(columns, weights):
         v = row.get(c)
-        if isinstance(v, (list, tuple)): v = [x for x in v if isinstance(x, str) and x.strip()]; v = v[int(rng.integers(len(v)))] if v else None
-        if isinstance(v, str) and v.strip() and w > 0: opts.append(v.strip()); ws.append(w)
+        if isinstance(v, (list, tuple)):
+            v = [x for x in v if isinstance(x, str) and x.strip()]
+            v = v[int(rng.integers(len(v)))] if v else None
+        if isinstance(v, str) and v.strip() and w > 0:
+            opts.append(v.strip())
+            ws.append(w)
     if not opts: return None
     return opts[int(rng.choice(len(opts), p=np.asarray(ws)/sum(ws)))] if len(opts) > 1 else opts[0]
 
@@ -297,44 +351,65 @@ def _record_key(row: dict, image_column: str) -> str:
     if isinstance(v, dict) and v.get('path'): return Path(v['path']).name
     if isinstance(v, dict) and v.get('bytes'): return hashlib.sha1(v['bytes']).hexdigest()
     if isinstance(v, (bytes, bytearray)): return hashlib.sha1(bytes(v)).hexdigest()
-    return json.dumps({k: v for k, v in row.items() if isinstance(v, (str, int, float))}, sort_keys=True)
+    return json.dumps({k: v for k, v in row.items() if isinstance(v, (str, int, float))},
+                      sort_keys=True)
 
 def train_val_split(data, val_fraction: float = 0.05, seed: int = 0):
     "Deterministic (train, val) split of map-style data by a hash of each record's stable key."
     data = as_image_text(data)
-    if data.streaming: raise ValueError('train_val_split needs map-style data; for a stream use a separate validation split')
-    cols = [c for c in ('__key__', 'file_name', 'id', 'key') if c in data.ds.column_names] or [data.image_column]
-    u = np.array([int(hashlib.sha1(f'{seed}:{_record_key(r, data.image_column)}'.encode()).hexdigest()[:12], 16) / 16**12
+    if data.streaming:
+        raise ValueError('train_val_split needs map-style data; for '
+                         'a stream use a separate validation split')
+    cols = ([c for c in ('__key__', 'file_name', 'id', 'key') if c in data.ds.column_names]
+            or [data.image_column])
+    u = np.array([int(hashlib.sha1(f'{seed}:{_record_key(r, data.image_column)}'.encode())
+                      .hexdigest()[:12], 16) / 16**12
                   for r in data.ds.select_columns(cols)])
-    return data.select(np.flatnonzero(u >= val_fraction)), data.select(np.flatnonzero(u < val_fraction))
+    return (data.select(np.flatnonzero(u >= val_fraction)),
+            data.select(np.flatnonzero(u < val_fraction)))
 
 # %% ../nbs/01_data.ipynb #062e8a4b
 def _norm_row(row, image_column, columns, weights, seed, name):
-    "One record as {image, text, source}: the caption is drawn once, seeded by the record's own caption texts."
+    "One record as {image, text, source}; the caption draw is seeded by the record's captions."
     key = '\x1f'.join(str(row.get(c)) for c in columns).encode()
     rng = np.random.default_rng([seed, int(hashlib.sha1(key).hexdigest()[:15], 16)])
-    return {'image': row[image_column], 'text': choose_caption(row, columns, weights, rng) or '', 'source': name}
+    return {'image': row[image_column], 'text': choose_caption(row, columns, weights, rng) or '',
+            'source': name}
 
-def mix_image_text(sources: list, seed: int = 0, streaming: bool | None = None, stopping: str = 'all_exhausted') -> ImageTextData:
-    "Several image–caption sources as one (columns image, text, source), drawing from source i with probability ∝ its weight."
+def mix_image_text(sources: list, seed: int = 0, streaming: bool | None = None,
+                   stopping: str = 'all_exhausted') -> ImageTextData:
+    "Several image–caption sources as one (image, text, source); source i drawn ∝ its weight."
     import datasets
-    if not sources: raise ValueError("mix_image_text needs at least one source, e.g. [{'source': 'shapes', 'weight': 1}]")
-    feats = datasets.Features({'image': datasets.Image(decode=False), 'text': datasets.Value('string'), 'source': datasets.Value('string')})
+    if not sources:
+        raise ValueError("mix_image_text needs at least one source, "
+                         "e.g. [{'source': 'shapes', 'weight': 1}]")
+    feats = datasets.Features({'image': datasets.Image(decode=False),
+                               'text': datasets.Value('string'),
+                               'source': datasets.Value('string')})
     parts, weights, names = [], [], []
-    for i, s in enumerate(sources):                           # s: a source, or {'source': ..., 'weight': w, **load_image_text kwargs}
+    # s: a source, or {'source': ..., 'weight': w, **load_image_text kwargs}
+    for i, s in enumerate(sources):
         s = dict(s) if isinstance(s, dict) else {'source': s}
-        if 'source' not in s: raise ValueError(f"sources[{i}] = {s} has no 'source': give a hub id, a folder, 'shapes' or None")
+        if 'source' not in s:
+            raise ValueError(f"sources[{i}] = {s} has no 'source': give "
+                             "a hub id, a folder, 'shapes' or None")
         src, w = s.pop('source'), float(s.pop('weight', 1.0))
         d = load_image_text(src, streaming=streaming, **s)
         name = 'data_samples' if src is None else str(src)
         with quiet_hf():
             parts.append(d.ds.map(_norm_row, remove_columns=list(d.ds.column_names), features=feats,
-                                  fn_kwargs=dict(image_column=d.image_column, columns=d.caption_columns,
+                                  fn_kwargs=dict(image_column=d.image_column,
+                                                 columns=d.caption_columns,
                                                  weights=d.caption_weights, seed=seed, name=name)))
-        weights.append(w); names.append(name)
+        weights.append(w)
+        names.append(name)
     if len({isinstance(p, datasets.IterableDataset) for p in parts}) > 1:
-        raise ValueError('Cannot mix streamed and map-style sources: pass streaming=True (data.streaming=true) to stream them all.')
+        raise ValueError('Cannot mix streamed and map-style sources: pass '
+                         'streaming=True (data.streaming=true) to stream them all.')
     p = np.asarray(weights, dtype=float)
-    if (p < 0).any() or p.sum() <= 0: raise ValueError(f'Source weights {weights} must be non-negative and not all zero.')
-    mixed = datasets.interleave_datasets(parts, probabilities=(p / p.sum()).tolist(), seed=seed, stopping_strategy=stopping)
-    return ImageTextData(mixed, 'image', ['text'], [1.0], source=' + '.join(f'{w:g}×{n}' for n, w in zip(names, weights)))
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f'Source weights {weights} must be non-negative and not all zero.')
+    mixed = datasets.interleave_datasets(parts, probabilities=(p / p.sum()).tolist(), seed=seed,
+                                         stopping_strategy=stopping)
+    return ImageTextData(mixed, 'image', ['text'], [1.0],
+                         source=' + '.join(f'{w:g}×{n}' for n, w in zip(names, weights)))

@@ -54,7 +54,8 @@ def rename_key(key: str, to_diffusers: bool = True) -> str:
     for a, b in sorted(pairs, key=lambda ab: -len(ab[0])):   # longest first: img_in.proj.0 wins
         if rest == a or rest.startswith(a + '.'): return pre + b + rest[len(a):]
     side = 'our' if to_diffusers else "diffusers'"
-    raise KeyError(f"Weight '{key}' is not in {side} PRX naming: is this a PRX transformer's state dict?")
+    raise KeyError(f"Weight '{key}' is not in {side} PRX naming: "
+                   "is this a PRX transformer's state dict?")
 
 # %% ../nbs/10e_diffusers.ipynb #ebe671b0
 def to_diffusers_state_dict(sd: dict) -> dict:
@@ -71,19 +72,21 @@ TIME_FACTOR, TIME_MAX_PERIOD = 1000.0, 10000   # what our timestep_embedding com
 def diffusers_config(cfg: ModelConfig) -> dict:
     "The PRXTransformer2DModel config of a denoiser of shape `cfg`."
     if cfg.time_dim != 256 or float(cfg.theta) != int(cfg.theta):
-        raise ValueError(f"diffusers' PRX transformer has a 256-d time embedding and an integer RoPE "
-                         f"theta; this model has time_dim={cfg.time_dim}, theta={cfg.theta}.")
+        raise ValueError("diffusers' PRX transformer has a 256-d time embedding and an integer "
+                         f"RoPE theta; this model has time_dim={cfg.time_dim}, theta={cfg.theta}.")
     return dict(in_channels=cfg.in_ch, patch_size=cfg.patch, context_in_dim=cfg.text_dim,
-                hidden_size=cfg.hidden, mlp_ratio=cfg.mlp_ratio, num_heads=cfg.heads, depth=cfg.depth,
-                axes_dim=list(cfg.axes_dim), theta=int(cfg.theta), time_factor=TIME_FACTOR,
-                time_max_period=TIME_MAX_PERIOD, bottleneck_size=cfg.bottleneck, resolution_embeds=False)
+                hidden_size=cfg.hidden, mlp_ratio=cfg.mlp_ratio, num_heads=cfg.heads,
+                depth=cfg.depth, axes_dim=list(cfg.axes_dim), theta=int(cfg.theta),
+                time_factor=TIME_FACTOR, time_max_period=TIME_MAX_PERIOD,
+                bottleneck_size=cfg.bottleneck, resolution_embeds=False)
 
 def model_config_from_diffusers(d: dict) -> ModelConfig:
     "Our ModelConfig for a PRXTransformer2DModel config dict; a one-line error for what we lack."
     d = {k: v for k, v in d.items() if not k.startswith('_')}
     if d.get('resolution_embeds'):
-        raise ValueError("This PRX transformer has resolution_embeds=True (PRX-7B's size conditioning), "
-                         "which PRXDenoiser does not implement: import a model trained without it.")
+        raise ValueError("This PRX transformer has resolution_embeds=True "
+                         "(PRX-7B's size conditioning), which PRXDenoiser does "
+                         "not implement: import a model trained without it.")
     tf, tp = d.get('time_factor', TIME_FACTOR), d.get('time_max_period', TIME_MAX_PERIOD)
     if (tf, tp) != (TIME_FACTOR, TIME_MAX_PERIOD):
         raise ValueError(f"time_factor={tf}, time_max_period={tp}: PRXDenoiser embeds time with "
@@ -105,8 +108,8 @@ def read_diffusers_transformer(path) -> tuple[dict, dict]:
     path = Path(path)
     if (path/'transformer'/'config.json').exists(): path = path/'transformer'
     if not (path/'config.json').exists():
-        raise FileNotFoundError(f"No config.json in {path}: pass a diffusers PRX transformer folder "
-                                f"(or its pipeline's).")
+        raise FileNotFoundError(f"No config.json in {path}: pass a diffusers "
+                                "PRX transformer folder (or its pipeline's).")
     config = json.loads((path/'config.json').read_text())
     if config.get('_class_name', 'PRXTransformer2DModel') != 'PRXTransformer2DModel':
         raise ValueError(f"{path} holds a {config['_class_name']}, not a PRXTransformer2DModel.")
@@ -120,11 +123,12 @@ def read_diffusers_transformer(path) -> tuple[dict, dict]:
 
 # %% ../nbs/10e_diffusers.ipynb #4179cce7
 def from_diffusers(src, config: dict | None = None) -> PRXDenoiser:
-    "A PRXDenoiser from a diffusers PRX transformer: folder, PRXTransformer2DModel, or state dict + config."
+    "A PRXDenoiser from a diffusers PRX transformer: folder, PRXTransformer2DModel, or sd + config."
     if isinstance(src, (str, os.PathLike)): config, sd = read_diffusers_transformer(src)
     elif hasattr(src, 'state_dict'): config, sd = dict(src.config), src.state_dict()
     elif isinstance(src, dict):
-        if config is None: raise ValueError("A state dict has no shape: pass config= (its config dict).")
+        if config is None:
+            raise ValueError("A state dict has no shape: pass config= (its config dict).")
         sd = src
     else: raise TypeError(f"Cannot import a PRX transformer from {type(src).__name__}: "
                           f"pass a folder, a model or a state dict.")
@@ -133,7 +137,7 @@ def from_diffusers(src, config: dict | None = None) -> PRXDenoiser:
     return net
 
 def init_from_diffusers(net: PRXDenoiser, path) -> PRXDenoiser:
-    "Load the diffusers PRX transformer at `path` into `net`, whose shape must match (model.init_from)."
+    "Load the diffusers PRX transformer at `path` into `net` of matching shape (model.init_from)."
     config, sd = read_diffusers_transformer(path)
     theirs = json.loads(json.dumps(diffusers_config(model_config_from_diffusers(config))))
     ours = diffusers_config(net.cfg)
@@ -155,27 +159,30 @@ def _write_json(path: Path, d: dict):
     path.write_text(json.dumps(d, indent=2) + '\n')
 
 def save_transformer(net: PRXDenoiser, out_dir) -> Path:
-    "Write `net` as a diffusers PRXTransformer2DModel folder: config.json and the safetensors weights."
+    "Write `net` as a diffusers PRXTransformer2DModel folder: config.json, safetensors weights."
     out = Path(out_dir)
     _write_json(out/'config.json', {'_class_name': 'PRXTransformer2DModel',
-                                     '_diffusers_version': _diffusers_version(), **diffusers_config(net.cfg)})
-    sd = to_diffusers_state_dict({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
+                                    '_diffusers_version': _diffusers_version(),
+                                    **diffusers_config(net.cfg)})
+    sd = to_diffusers_state_dict({k: v.detach().cpu().contiguous()
+                                  for k, v in net.state_dict().items()})
     save_file(sd, out/WEIGHTS_NAME, metadata={'format': 'pt'})
     return out
 
 # %% ../nbs/10e_diffusers.ipynb #2f744af2
 def prx_timesteps(steps: int = 50, shift: float = 3.0) -> list[float]:
-    "Our sampler's times as the `timesteps=` of a diffusers PRX pipeline (×1000, without the final 0)."
+    "Our sampler's times as a diffusers PRX pipeline's `timesteps=` (×1000, without the final 0)."
     return (sampling_times(steps, shift)[:-1] * 1000).tolist()
 
 # %% ../nbs/10e_diffusers.ipynb #0f592feb
 def _source(src, weights: str) -> tuple:
-    "(denoiser, run config, step, run folder or None) of exported weights, a checkpoint or a run folder."
+    "(denoiser, run config, step, run folder or None) of exported weights, a checkpoint or a run."
     from pixeldiff_nb.runs import load_for_sampling
     from pixeldiff_nb.checkpoints import latest_checkpoint
     src = Path(src)
     if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist: pass a run folder, a checkpoint or exported weights.")
+        raise FileNotFoundError(f"{src} does not exist: pass a run folder, "
+                                "a checkpoint or exported weights.")
     net, cfg = load_for_sampling(src, weights, device='cpu')
     if src.is_file():
         with safe_open(str(src), 'pt') as f: step = int((f.metadata() or {}).get('step', 0))
@@ -198,9 +205,9 @@ def run_metrics(run_dir) -> dict:
 
 # %% ../nbs/10e_diffusers.ipynb #849215e9
 def scheduler_config() -> dict:
-    "FlowMatchEulerDiscreteScheduler with shift 1: it steps through the times it is given as they are."
-    return {'_class_name': 'FlowMatchEulerDiscreteScheduler', '_diffusers_version': _diffusers_version(),
-            'num_train_timesteps': 1000, 'shift': 1.0}
+    "FlowMatchEulerDiscreteScheduler with shift 1: it steps through the given times as they are."
+    return {'_class_name': 'FlowMatchEulerDiscreteScheduler',
+            '_diffusers_version': _diffusers_version(), 'num_train_timesteps': 1000, 'shift': 1.0}
 
 def pipeline_index(text_model, tokenizer, size: int, max_tokens: int, noise_scale: float) -> dict:
     "model_index.json of a PRXPixelPipeline: its parts' classes and the pipeline's own settings."
@@ -208,12 +215,12 @@ def pipeline_index(text_model, tokenizer, size: int, max_tokens: int, noise_scal
             'transformer': ['diffusers', 'PRXTransformer2DModel'],
             'scheduler': ['diffusers', 'FlowMatchEulerDiscreteScheduler'],
             'text_encoder': ['transformers', type(text_model).__name__],
-            'tokenizer': ['transformers', type(tokenizer).__name__],
-            'default_sample_size': size, 'prompt_max_tokens': max_tokens, 'noise_scale': noise_scale}
+            'tokenizer': ['transformers', type(tokenizer).__name__], 'default_sample_size': size,
+            'prompt_max_tokens': max_tokens, 'noise_scale': noise_scale}
 
 # %% ../nbs/10e_diffusers.ipynb #04a2bf99
 def model_card(cfg, step: int, metrics: dict, weights: str = 'ema') -> str:
-    "README.md of an exported pipeline: recipe, data, steps, the numbers the run logged, how to sample."
+    "README.md of an exported pipeline: recipe, data, steps, the run's logged numbers, sampling."
     from pixeldiff_nb.model import count_params
     m, st, d = cfg.model, cfg.stages[-1], cfg.diffusion
     size = st.image_size
@@ -232,18 +239,21 @@ tags: [pixeldiff_nb, prx, pixel-space, x-prediction]
 # pixeldiff_nb PRX pixel-space model (preset `{cfg.preset}`, step {step})
 
 A {count_params(m)/1e6:.1f}M-parameter PRX transformer trained in pixel space with x-prediction by
-[pixeldiff_nb](https://github.com/pixeldiff-nb/pixeldiff_nb), exported with `pixeldiff-export` ({weights} weights).
+[pixeldiff_nb](https://github.com/pixeldiff-nb/pixeldiff_nb), exported with `pixeldiff-export`
+({weights} weights).
 
 ## Recipe
-- model: depth {m.depth}, width {m.hidden}, {m.heads} heads, patch {m.patch}, bottleneck {m.bottleneck},
-  MLP ratio {m.mlp_ratio}
-- text encoder: `{cfg.data.text_encoder}` ({cfg.data.text_dtype}), {cfg.data.text_max_length or 'default'} tokens
+- model: depth {m.depth}, width {m.hidden}, {m.heads} heads, patch {m.patch},
+  bottleneck {m.bottleneck}, MLP ratio {m.mlp_ratio}
+- text encoder: `{cfg.data.text_encoder}` ({cfg.data.text_dtype}),
+  {cfg.data.text_max_length or 'default'} tokens
 - data: `{cfg.data.source or cfg.data.sources or 'bundled data_samples'}`
 - stages: {stages}
 - objective: x-prediction, v-space MSE (t clamp {d.t_clamp}), LPIPS {cfg.loss.lpips_weight},
   DINO {cfg.loss.dino_weight}, REPA {cfg.repa.weight},
   TREAD rate {cfg.tread.rate}
-- time: t = 0 clean, t = 1 noise; logit-normal training times shifted by {d.shift}; noise scale {d.noise_scale}
+- time: t = 0 clean, t = 1 noise; logit-normal training times shifted by {d.shift};
+  noise scale {d.noise_scale}
 - optimizer: {cfg.optim.kind}, lr {cfg.optim.lr}; EMA {cfg.ema_decay} every {cfg.ema_every} steps
 
 ## Numbers the run logged
@@ -261,32 +271,36 @@ ts = [1000 * {d.shift} * x / (1 + {d.shift - 1} * x) for x in u]
 image = pipe("a prompt", timesteps=ts, guidance_scale={d.guidance}, use_resolution_binning=False,
              generator=torch.Generator().manual_seed(0)).images[0]
 ```
-`ts` is the run's own schedule ({d.sample_steps} Euler steps, shifted by {d.shift}); the scheduler has shift 1 so it
-steps through them as given. This reproduces `pixeldiff-sample --mode cfg` with the same prompt, seed, steps and
-guidance (to float rounding). Without `timesteps=` the pipeline uses diffusers' default: an unshifted grid of
-`num_inference_steps` (28) from 1 to 0.001 — not what this model was trained for.
+`ts` is the run's own schedule ({d.sample_steps} Euler steps, shifted by {d.shift}); the scheduler
+has shift 1 so it steps through them as given. This reproduces `pixeldiff-sample --mode cfg` with
+the same prompt, seed, steps and guidance (to float rounding). Without `timesteps=` the pipeline
+uses diffusers' default: an unshifted grid of `num_inference_steps` (28) from 1 to 0.001 — not
+what this model was trained for.
 {tread_note}Images are {size}×{size} pixels (`default_sample_size`).
 """
 
 # %% ../nbs/10e_diffusers.ipynb #a0d74ad5
 def export_pipeline(src, out_dir, weights: str = 'ema', push_to_hub: str | None = None) -> Path:
-    "Write a PRXPixelPipeline folder (transformer, scheduler, text tower, model card) from a run or checkpoint."
+    "Write a PRXPixelPipeline folder (transformer, scheduler, text tower, model card) from a run."
     from pixeldiff_nb.text import TextEncoder
-    if weights not in ('ema', 'model'): raise ValueError(f"weights={weights!r}: use 'ema' or 'model'.")
+    if weights not in ('ema', 'model'):
+        raise ValueError(f"weights={weights!r}: use 'ema' or 'model'.")
     net, cfg, step, run = _source(src, weights)
     enc = TextEncoder(cfg.data.text_encoder, max_length=cfg.data.text_max_length,
                       dtype=cfg.data.text_dtype)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out/'model_index.json').exists():
-        raise FileExistsError(f"{out} exists and is not an exported pipeline: choose an empty or new folder.")
+        raise FileExistsError(f"{out} exists and is not an exported "
+                              "pipeline: choose an empty or new folder.")
     tmp = out.with_name(f'.{out.name}.tmp')
     if tmp.exists(): shutil.rmtree(tmp)
     save_transformer(net, tmp/'transformer')
     _write_json(tmp/'scheduler'/'scheduler_config.json', scheduler_config())
     enc.model.save_pretrained(tmp/'text_encoder')
     enc.tokenizer.save_pretrained(tmp/'tokenizer')
-    _write_json(tmp/'model_index.json', pipeline_index(enc.model, enc.tokenizer, cfg.stages[-1].image_size,
-                                                       enc.max_length, cfg.diffusion.noise_scale))
+    _write_json(tmp/'model_index.json',
+                pipeline_index(enc.model, enc.tokenizer, cfg.stages[-1].image_size, enc.max_length,
+                               cfg.diffusion.noise_scale))
     (tmp/'README.md').write_text(model_card(cfg, step, run_metrics(run), weights))
     if out.exists(): shutil.rmtree(out)
     tmp.rename(out)
@@ -298,14 +312,18 @@ def export_pipeline(src, out_dir, weights: str = 'ema', push_to_hub: str | None 
 
 # %% ../nbs/10e_diffusers.ipynb #ce714283
 def export_cli(argv=None):
-    "pixeldiff-export: a run, checkpoint or exported weights -> a diffusers PRXPixelPipeline folder."
+    "pixeldiff-export: a run, checkpoint or exported weights -> a diffusers PRXPixelPipeline."
     import argparse
     p = argparse.ArgumentParser(prog='pixeldiff-export',
-                                description='Export a trained model as a diffusers PRXPixelPipeline.')
-    p.add_argument('source', help='run folder (its latest checkpoint), checkpoint or exported weights')
+                                description='Export a trained model as a diffusers '
+                                            'PRXPixelPipeline.')
+    p.add_argument('source',
+                   help='run folder (its latest checkpoint), checkpoint or exported weights')
     p.add_argument('out_dir', help='folder to write the pipeline to (replaces an earlier export)')
-    p.add_argument('--weights', choices=['ema', 'model'], default='ema', help='EMA (default) or raw weights')
-    p.add_argument('--push-to-hub', default=None, metavar='REPO', help='also upload the folder to REPO')
+    p.add_argument('--weights', choices=['ema', 'model'], default='ema',
+                   help='EMA (default) or raw weights')
+    p.add_argument('--push-to-hub', default=None, metavar='REPO',
+                   help='also upload the folder to REPO')
     a = p.parse_args(argv)
     try: out = export_pipeline(a.source, a.out_dir, a.weights, a.push_to_hub)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
@@ -318,16 +336,16 @@ def pipeline_sample(pipe, prompts: list, steps: int = 50, guidance: float = 3.5,
                     seed: int = 0, size: int | None = None, text=None) -> torch.Tensor:
     "Images (B, 3, H, W) in [-1, 1] from a PRXPixelPipeline, drawn as `generate` draws them."
     size = size or pipe.config.default_sample_size
-    g = torch.Generator().manual_seed(seed)                           # our noise: one CPU draw for the batch
+    g = torch.Generator().manual_seed(seed)  # our noise: one CPU draw for the batch
     noise = torch.randn(len(prompts), 3, size, size, generator=g) * pipe.config.noise_scale
-    kw = dict(timesteps=prx_timesteps(steps, shift), guidance_scale=guidance, height=size, width=size,
-              use_resolution_binning=False, output_type='pt')
+    kw = dict(timesteps=prx_timesteps(steps, shift), guidance_scale=guidance, height=size,
+              width=size, use_resolution_binning=False, output_type='pt')
     out = []
-    for i, p in enumerate(prompts):                                   # one prompt a call: diffusers' CFG bug
+    for i, p in enumerate(prompts):  # one prompt a call: diffusers' CFG bug
         if text is None: enc = dict(prompt=p)
         else:                                                         # our encoder's states
             (s, m), (ns, nm) = text.encode([p]), text.empty()
-            enc = dict(prompt_embeds=s.float(), prompt_attention_mask=m, negative_prompt_embeds=ns.float(),
-                       negative_prompt_attention_mask=nm)
+            enc = dict(prompt_embeds=s.float(), prompt_attention_mask=m,
+                       negative_prompt_embeds=ns.float(), negative_prompt_attention_mask=nm)
         out.append(pipe(**enc, latents=noise[i:i + 1], **kw).images)
     return torch.cat(out).clamp(-1, 1)

@@ -25,12 +25,13 @@ def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.T
 
 # %% ../nbs/05_xpred.ipynb #04cae5de
 def shift_time(t: torch.Tensor, shift: float = 3.0) -> torch.Tensor:
-    "Timestep shift t′ = s·t / (1 + (s − 1)·t): fixes 0 and 1, pushes mass towards t = 1 (noise) for s > 1."
+    "Timestep shift t′ = s·t / (1 + (s − 1)·t): fixes 0 and 1, moves mass towards t = 1 for s > 1."
     return shift * t / (1 + (shift - 1) * t)
 
-def sample_t(n: int, shift: float = 3.0, mean: float = 0.0, std: float = 1.0, uniform_frac: float = 0.1,
-             t_min: float = 1e-3, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    "Training times: logit-normal(mean, std) -> shift -> keep [t_min, 1) -> replace `uniform_frac` by Uniform[t_min, 1)."
+def sample_t(n: int, shift: float = 3.0, mean: float = 0.0, std: float = 1.0,
+             uniform_frac: float = 0.1, t_min: float = 1e-3,
+             generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    "Training times: logit-normal(mean, std) -> shift -> [t_min, 1); `uniform_frac` drawn uniform."
     kept = []
     while sum(k.numel() for k in kept) < n:                      # rejection sampling, vectorised
         t = shift_time(torch.sigmoid(torch.randn(2 * n, generator=generator) * std + mean), shift)
@@ -41,19 +42,21 @@ def sample_t(n: int, shift: float = 3.0, mean: float = 0.0, std: float = 1.0, un
     return t.to(device) if device is not None else t
 
 # %% ../nbs/05_xpred.ipynb #2082f05f
-def x_to_v(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_clamp: float = 0.05) -> torch.Tensor:
+def x_to_v(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+           t_clamp: float = 0.05) -> torch.Tensor:
     "Velocity implied by a clean-image estimate: v = (x_t − x₀) / max(t, t_clamp)."
     return (x_t - x0) / _bc(t, x_t).clamp(min=t_clamp)
 
-def v_loss(x0_hat: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_clamp: float = 0.05,
-           per_sample: bool = False) -> torch.Tensor:
-    "x-prediction trained in v-space: mean((v̂ − v)²) with both velocities from the same clamped t; (B,) if per_sample."
+def v_loss(x0_hat: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+           t_clamp: float = 0.05, per_sample: bool = False) -> torch.Tensor:
+    "x-prediction trained in v-space: mean((v̂ − v)²), both v at one clamped t; (B,) if per_sample."
     d = (x_to_v(x_t, x0_hat, t, t_clamp) - x_to_v(x_t, x0, t, t_clamp)).pow(2)
     return d.flatten(1).mean(1) if per_sample else d.mean()
 
 # %% ../nbs/05_xpred.ipynb #1d78ef3e
-def output_to_x0(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, kind: str = 'x', t_clamp: float = 0.05):
-    "Clean-image estimate x̂₀ from a network output read as x₀ ('x'), noise ε ('eps') or velocity ε − x₀ ('v')."
+def output_to_x0(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, kind: str = 'x',
+                 t_clamp: float = 0.05):
+    "Clean image x̂₀ from an output read as x₀ ('x'), noise ε ('eps') or velocity ε − x₀ ('v')."
     tb = _bc(t, x_t)
     if kind == 'x': return out
     if kind == 'eps': return (x_t - tb * out) / (1 - tb).clamp(min=t_clamp)
@@ -66,9 +69,9 @@ def sampling_times(steps: int = 50, shift: float = 3.0) -> torch.Tensor:
     return shift_time(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift)
 
 @torch.no_grad()
-def euler_sample(denoise: Callable, noise: torch.Tensor, steps: int = 50, shift: float = 3.0, t_clamp: float = 0.05,
-                 clamp: bool = True, return_path: bool = False):
-    "Integrate from noise (t=1) to an image (t=0) with Euler steps; `denoise(x_t, t) -> x̂₀`. Optionally the (x_t, x̂₀) path."
+def euler_sample(denoise: Callable, noise: torch.Tensor, steps: int = 50, shift: float = 3.0,
+                 t_clamp: float = 0.05, clamp: bool = True, return_path: bool = False):
+    "Euler steps from noise (t=1) to an image (t=0); `denoise(x_t, t) -> x̂₀`; optionally the path."
     ts = sampling_times(steps, shift).tolist()
     x, path = noise, []
     for t, t_next in zip(ts[:-1], ts[1:]):
@@ -80,23 +83,28 @@ def euler_sample(denoise: Callable, noise: torch.Tensor, steps: int = 50, shift:
     return (x, path) if return_path else x
 
 # %% ../nbs/05_xpred.ipynb #65f7d0bd
-def drop_captions(txt: torch.Tensor, mask: torch.Tensor, null_txt: torch.Tensor, null_mask: torch.Tensor, p: float = 0.1,
+def drop_captions(txt: torch.Tensor, mask: torch.Tensor, null_txt: torch.Tensor,
+                  null_mask: torch.Tensor, p: float = 0.1,
                   generator: torch.Generator | None = None):
     "Replace each sample's caption encoding by the empty-prompt encoding with probability p."
     if null_txt.shape[-2:] != txt.shape[-2:]:
-        raise ValueError(f"Empty-prompt encoding has shape {tuple(null_txt.shape[-2:])} but captions have "
-                         f"{tuple(txt.shape[-2:])}: encode both with the same text encoder and max_length.")
+        raise ValueError(f"Empty-prompt encoding has shape {tuple(null_txt.shape[-2:])} "
+                         f"but captions have {tuple(txt.shape[-2:])}: encode both with "
+                         "the same text encoder and max_length.")
     drop = (torch.rand(txt.shape[0], generator=generator) < p).to(txt.device)
     txt = torch.where(drop[:, None, None], null_txt.to(txt.dtype).expand_as(txt), txt)
     mask = torch.where(drop[:, None], null_mask.to(mask.dtype).expand_as(mask), mask)
     return txt, mask
 
-def cfg_denoiser(model: nn.Module, txt, mask, null_txt=None, null_mask=None, scale: float = 1.0, **kw) -> Callable:
-    "A `denoise(x_t, t)` for the sampler: x̂₀(∅) + scale·(x̂₀(c) − x̂₀(∅)) in one batch; scale ≤ 1: x̂₀(c) alone."
+def cfg_denoiser(model: nn.Module, txt, mask, null_txt=None, null_mask=None, scale: float = 1.0,
+                 **kw) -> Callable:
+    "`denoise(x_t, t)` for the sampler: x̂₀(∅) + scale·(x̂₀(c) − x̂₀(∅)) in one batch; ≤ 1: x̂₀(c)."
     def denoise(x, t):
-        if scale <= 1.0 or null_txt is None: return model(x, t, txt, mask, **kw)   # as PRX: no extrapolation
+        # as PRX: no extrapolation
+        if scale <= 1.0 or null_txt is None: return model(x, t, txt, mask, **kw)
         B = x.shape[0]
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([txt, null_txt.expand(B, -1, -1)]),
+        out = model(torch.cat([x, x]), torch.cat([t, t]),
+                    torch.cat([txt, null_txt.expand(B, -1, -1)]),
                     torch.cat([mask, null_mask.expand(B, -1)]), **kw)
         cond, uncond = out.chunk(2)
         return uncond + scale * (cond - uncond)
@@ -119,13 +127,15 @@ class DiffusionConfig:
     guidance: float = 3.5          # CFG (or self-guidance) scale at sampling
 
     def __post_init__(self):
-        if self.prediction not in ('x', 'eps', 'v'): raise ValueError(f"prediction must be 'x', 'eps' or 'v', not {self.prediction!r}.")
-        if not 0 <= self.caption_dropout <= 1: raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1].")
+        if self.prediction not in ('x', 'eps', 'v'):
+            raise ValueError(f"prediction must be 'x', 'eps' or 'v', not {self.prediction!r}.")
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1].")
 
 # %% ../nbs/05_xpred.ipynb #c7d8c047
 @torch.no_grad()
 def denoise_at(denoise: Callable, x0: torch.Tensor, t: float, seed: int = 0):
-    "Noise x₀ (B,C,H,W) to time t (0 clean, 1 noise) with seeded ε and return (x_t, x̂₀ = denoise(x_t, t))."
+    "Noise x₀ (B,C,H,W) to time t (0 clean, 1 noise) with seeded ε: (x_t, x̂₀ = denoise(x_t, t))."
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
     tt = torch.full((x0.shape[0],), float(t), device=x0.device)
     x_t = interpolate(x0, eps, tt)

@@ -19,12 +19,16 @@ __all__ = ['EMOJI_PACKAGES', 'TAGS_PACKAGE', 'STYLE_NAMES', 'npm_integrity', 'np
 # %% ../nbs/01a_emoji.ipynb #98d2755e
 EMOJI_PACKAGES = {  # style -> (npm package, pinned version, npm dist.integrity, licence)
     'noto': ('@iconify-json/noto', '1.2.9',
-             'sha512-DQiuXENbun41ch+XPSV55H9FaWKpHTyz46YIKtSaKYD4fIDDzL1tR6H4np/T38jfrTAeI3rcKF0mqHYeZVAuaw==', 'Apache-2.0'),
+             'sha512-DQiuXENbun41ch+XPSV55H9FaWKpHTyz46YIKtSaKYD4f'
+             'IDDzL1tR6H4np/T38jfrTAeI3rcKF0mqHYeZVAuaw==', 'Apache-2.0'),
     'fluent': ('@iconify-json/fluent-emoji-flat', '1.2.6',
-               'sha512-RY47RgPb47fYUiyrA64sIOL0+UU02s29sXpNBbIQRBUlPlfNFTKUmZDERGuxDs/7yNGWqQYvuaSYM1M4fRXlUw==', 'MIT'),
+               'sha512-RY47RgPb47fYUiyrA64sIOL0+UU02s29sXpNBbIQRBUlPlfNFTKUmZDERGuxDs'
+               '/7yNGWqQYvuaSYM1M4fRXlUw==', 'MIT'),
 }
-TAGS_PACKAGE = ('emojibase-data', '17.0.0',  # keyword tags per emoji (MIT), joined on the code point
-                'sha512-Yvgb5AWoHViHV/gq1qr5ZAarcBip+B27/ZLRsUJkbgAEaLlZ/fof9g882LTpmEpyhBNEC0m2SEmItljHsTygjA==', 'MIT')
+# keyword tags per emoji (MIT), joined on the code point
+TAGS_PACKAGE = ('emojibase-data', '17.0.0',
+                'sha512-Yvgb5AWoHViHV/gq1qr5ZAarcBip+B27/ZLRsUJkbgAEaLlZ/f'
+                'of9g882LTpmEpyhBNEC0m2SEmItljHsTygjA==', 'MIT')
 STYLE_NAMES = {'noto': 'Noto', 'fluent': 'Fluent flat'}
 
 def npm_integrity(path) -> str:
@@ -32,20 +36,23 @@ def npm_integrity(path) -> str:
     return 'sha512-' + base64.b64encode(hashlib.sha512(Path(path).read_bytes()).digest()).decode()
 
 def npm_fetch(package: str, version: str, integrity: str, dest=None) -> Path:
-    "Download `package@version` once with `npm pack` into `dest` (default the emoji cache), check its integrity; returns the .tgz."
+    "Download `package@version` once with `npm pack` into `dest` (the emoji cache); check integrity"
     dest = Path(dest) if dest else cache_dir('emoji')
     dest.mkdir(parents=True, exist_ok=True)
     tgz = dest/f"{package.lstrip('@').replace('/', '-')}-{version}.tgz"
     if not tgz.exists():
         if shutil.which('npm') is None:
-            raise RuntimeError(f"npm is not installed: install Node.js, or put the file from `npm pack {package}@{version}` at {tgz}")
+            raise RuntimeError("npm is not installed: install Node.js, or put the "
+                               f"file from `npm pack {package}@{version}` at {tgz}")
         r = subprocess.run(['npm', 'pack', f'{package}@{version}', '--pack-destination', str(dest)],
                            capture_output=True, text=True, timeout=600)
         if r.returncode or not tgz.exists():
-            raise RuntimeError(f"`npm pack {package}@{version}` failed: {r.stderr.strip()[-300:]} (is the npm registry reachable?)")
+            raise RuntimeError(f"`npm pack {package}@{version}` failed: "
+                               f"{r.stderr.strip()[-300:]} (is the npm registry reachable?)")
     if (got := npm_integrity(tgz)) != integrity:
         tgz.unlink()
-        raise RuntimeError(f"{tgz.name} has integrity {got[:24]}…, not the pinned {integrity[:24]}…; deleted it, run again")
+        raise RuntimeError(f"{tgz.name} has integrity {got[:24]}…, not the "
+                           f"pinned {integrity[:24]}…; deleted it, run again")
     return tgz
 
 # %% ../nbs/01a_emoji.ipynb #1f1eb378
@@ -60,9 +67,10 @@ def _pkg_json(src, name):
         except KeyError: return None
 
 def load_iconify(src) -> dict:
-    "An Iconify JSON icon set (from a .tgz or folder) with `category` (name -> category) and `chars` (code point -> name) added."
+    "An Iconify JSON icon set (.tgz or folder) with `category` (name -> category), `chars` added."
     s = _pkg_json(src, 'icons.json')
-    if s is None: raise FileNotFoundError(f"{src} holds no icons.json: expected an @iconify-json package")
+    if s is None:
+        raise FileNotFoundError(f"{src} holds no icons.json: expected an @iconify-json package")
     meta = _pkg_json(src, 'metadata.json') or {}
     s['category'] = {n: c for c, names in meta.get('categories', {}).items() for n in names}
     s['chars'] = _pkg_json(src, 'chars.json') or {}
@@ -72,11 +80,14 @@ def load_iconify(src) -> dict:
 # %% ../nbs/01a_emoji.ipynb #56f4e34e
 def _resolve(iset: dict, name: str):
     "Follow aliases to the drawn icon; returns (icon dict, hflip, vflip, quarter turns)."
-    hf = vf = False; rot = 0
+    hf = vf = False
+    rot = 0
     for _ in range(8):
         if name not in iset['aliases']: break
         a = iset['aliases'][name]
-        hf ^= bool(a.get('hFlip')); vf ^= bool(a.get('vFlip')); rot += a.get('rotate', 0)
+        hf ^= bool(a.get('hFlip'))
+        vf ^= bool(a.get('vFlip'))
+        rot += a.get('rotate', 0)
         name = a['parent']
     return iset['icons'][name], hf, vf, rot % 4
 
@@ -93,11 +104,13 @@ def iconify_svg(iset: dict, name: str) -> str:
     l, t = ic.get('left', iset.get('left', 0)), ic.get('top', iset.get('top', 0))
     w, h = ic.get('width', iset.get('width', 16)), ic.get('height', iset.get('height', 16))
     tr = []
-    if hf: tr.append(f'translate({2*l + w} 0) scale(-1 1)')   # x -> (2l + w) - x mirrors inside the box
+    # x -> (2l + w) - x mirrors inside the box
+    if hf: tr.append(f'translate({2*l + w} 0) scale(-1 1)')
     if vf: tr.append(f'translate(0 {2*t + h}) scale(1 -1)')
     if rot: tr.append(f'rotate({90*rot} {l + w/2} {t + h/2})')
     body = f'<g transform="{" ".join(tr)}">{ic["body"]}</g>' if tr else ic['body']
-    s = max(w, h); l, t = l - (s - w)/2, t - (s - h)/2        # pad to a square, centred
+    s = max(w, h)
+    l, t = l - (s - w)/2, t - (s - h)/2  # pad to a square, centred
     return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
             f'viewBox="{l:g} {t:g} {s:g} {s:g}" width="{s:g}" height="{s:g}">{body}</svg>')
 
@@ -111,17 +124,20 @@ def render_svg(svg: str, size: int = 64) -> Image.Image:
 _TONES = ('light', 'medium-light', 'medium', 'medium-dark', 'dark')
 
 def is_skin_tone_variant(name: str, names) -> bool:
-    "Whether icon `name` is a skin-tone variant of another name in `names` (Noto and Fluent naming)."
+    "Whether icon `name` is a skin-tone variant of another in `names` (Noto and Fluent naming)."
     if 'skin-tone' in name or re.search(r'-tone[1-5]$', name): return True
     return any(name.endswith('-' + t) and name[:-len(t) - 1] in names for t in _TONES)
 
 def emoji_names(iset: dict, skin_tones: bool = False) -> list[str]:
-    "The visible, distinct icon names of a set (aliases of kept icons and, by default, skin-tone variants removed)."
+    "The visible, distinct icon names of a set (no aliases of kept icons, by default no skin tones)"
     names = {n for n, ic in iset['icons'].items() if not ic.get('hidden')}
     names |= {a for a in iset['aliases'] if not _resolve(iset, a)[0].get('hidden')}
     if not skin_tones: names = {n for n in names if not is_skin_tone_variant(n, names)}
-    same = lambda a: not (a.get('hFlip') or a.get('vFlip') or a.get('rotate'))  # an alias drawing its parent unchanged
-    return sorted(n for n in names if n not in iset['aliases'] or not (same(iset['aliases'][n]) and _parent(iset, n) in names))
+    # an alias drawing its parent unchanged
+    same = lambda a: not (a.get('hFlip') or a.get('vFlip') or a.get('rotate'))
+    return sorted(n for n in names
+                  if n not in iset['aliases'] or not (same(iset['aliases'][n])
+                                                      and _parent(iset, n) in names))
 
 def select_concepts(names, n: int | None, seed: int = 0) -> list[str]:
     "`n` names (all if None) chosen by a seeded hash order, returned sorted."
@@ -133,31 +149,40 @@ def emoji_captions(concept: str, style: str, category: str) -> tuple[str, str]:
     "Short and long caption of one emoji."
     m = re.search(r'-(light|medium-light|medium|medium-dark|dark)-skin-tone', concept)
     base = concept if m is None else concept[:m.start()]
-    text = base.replace('-', ' ') + ('' if m is None else ', ' + concept[m.start() + 1:].replace('-', ' '))
-    plural = base.endswith('s') and not base.endswith(('ss', 'us', 'is'))    # "chopsticks", "crossed fingers"
+    text = base.replace('-', ' ') + ('' if m is None
+                                     else ', ' + concept[m.start() + 1:].replace('-', ' '))
+    # "chopsticks", "crossed fingers"
+    plural = base.endswith('s') and not base.endswith(('ss', 'us', 'is'))
     art = '' if plural else 'an ' if text[:1].lower() in 'aeiou' else 'a '
-    return text, f'an emoji of {art}{text} in the {STYLE_NAMES.get(style, style)} style, from the {category.lower()} group'
+    return text, (f'an emoji of {art}{text} in the {STYLE_NAMES.get(style, style)} style, '
+                  f'from the {category.lower()} group')
 
 def _tags_by_name(tags_src, isets) -> dict:
-    "Emoji name -> comma-separated emojibase tags, joined on the code points of each set's chars.json."
+    "Emoji name -> comma-separated emojibase tags, joined on the code points of each set's chars."
     norm = lambda h: '-'.join(p for p in h.lower().split('-') if p != 'fe0f')
-    by_hex = {norm(e['hexcode']): ', '.join(e.get('tags', [])) for e in (_pkg_json(tags_src, 'en/data.json') or [])}
-    return {name: by_hex[norm(h)] for s in isets for h, name in s['chars'].items() if norm(h) in by_hex}
+    by_hex = {norm(e['hexcode']): ', '.join(e.get('tags', []))
+              for e in (_pkg_json(tags_src, 'en/data.json') or [])}
+    return {name: by_hex[norm(h)]
+            for s in isets for h, name in s['chars'].items() if norm(h) in by_hex}
 
 # %% ../nbs/01a_emoji.ipynb #36471fb7
-def build_emoji_set(out_dir, size: int = 64, n_concepts: int | None = 300, styles=('noto', 'fluent'), seed: int = 0,
-                    shared_only: bool = True, skin_tones: bool = False, tags: bool = True, sources: dict | None = None,
+def build_emoji_set(out_dir, size: int = 64, n_concepts: int | None = 300,
+                    styles=('noto', 'fluent'), seed: int = 0, shared_only: bool = True,
+                    skin_tones: bool = False, tags: bool = True, sources: dict | None = None,
                     verbose: bool = True) -> Path:
-    "Render emoji from the pinned npm icon sets into an imagefolder (`images/*.png` + `metadata.jsonl`); returns `out_dir`."
-    out = Path(out_dir); (out/'images').mkdir(parents=True, exist_ok=True)
-    srcs = dict(sources or {})                               # style (or 'tags') -> local .tgz/folder
+    "Render the pinned npm icon sets into an imagefolder (`images/*.png`, `metadata.jsonl`)."
+    out = Path(out_dir)
+    (out/'images').mkdir(parents=True, exist_ok=True)
+    srcs = dict(sources or {})  # style (or 'tags') -> local .tgz/folder
     provenance = {}
     for st in styles:
         if st not in srcs: srcs[st] = npm_fetch(*EMOJI_PACKAGES[st][:3])
         pkg, ver, _, lic = EMOJI_PACKAGES.get(st, (st, 'local', '', 'unknown'))
-        provenance[st] = (f'{pkg}@{ver}' if st not in (sources or {}) else f'local:{Path(srcs[st]).name}', lic)
+        provenance[st] = (f'{pkg}@{ver}' if st not in (sources or {})
+                          else f'local:{Path(srcs[st]).name}', lic)
     isets = {st: load_iconify(srcs[st]) for st in styles}
-    icon_of = {st: _concept_map(isets[st], skin_tones) for st in styles}   # concept slug -> icon name, per style
+    # concept slug -> icon name, per style
+    icon_of = {st: _concept_map(isets[st], skin_tones) for st in styles}
     names = {st: set(icon_of[st]) for st in styles}
     if shared_only: names = {st: set.intersection(*names.values()) for st in styles}
     chosen = {st: select_concepts(names[st], n_concepts, seed) for st in styles}
@@ -167,33 +192,42 @@ def build_emoji_set(out_dir, size: int = 64, n_concepts: int | None = 300, style
     for st in styles:
         for c in chosen[st]:
             icon = icon_of[st][c]
-            cat = _category([isets[s] for s in styles], c)   # first style's category, so both styles agree
+            # first style's category, so both styles agree
+            cat = _category([isets[s] for s in styles], c)
             if cat == 'Other': cat = _category([isets[st]], icon)
             fn = f'images/{st}_{c}.png'
             render_svg(iconify_svg(isets[st], icon), size).save(out/fn, optimize=True)
             text, long = emoji_captions(c, st, cat)
-            row = dict(file_name=fn, text=text, caption_long=long, concept=c, style=st, category=cat,
-                       source=provenance[st][0], license=provenance[st][1])
+            row = dict(file_name=fn, text=text, caption_long=long, concept=c, style=st,
+                       category=cat, source=provenance[st][0], license=provenance[st][1])
             if tagmap is not None: row['tags'] = tagmap.get(c) or tagmap.get(icon, '')
             rows.append(row)
     rows.sort(key=lambda r: r['file_name'])
     keep = {r['file_name'] for r in rows}
-    for f in (out/'images').glob('*.png'):                  # a rebuild leaves no stale images behind
+    for f in (out/'images').glob('*.png'):  # a rebuild leaves no stale images behind
         if f'images/{f.name}' not in keep: f.unlink()
-    (out/'metadata.jsonl').write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
-    call = (f'`build_emoji_set(DIR, size={size}, n_concepts={n_concepts}, styles={tuple(styles)}, seed={seed}, '
-            f'shared_only={shared_only}, skin_tones={skin_tones}, tags={tags})`')
-    cli = ('--full' if n_concepts is None and not shared_only and skin_tones else
-           f'--n-concepts {n_concepts} --seed {seed}' if shared_only and not skin_tones and n_concepts else None)
-    if cli and tuple(styles) == ('noto', 'fluent'): call += f' or `pixeldiff-build-samples --out DIR --size {size} {cli}{"" if tags else " --no-tags"}`'
+    (out/'metadata.jsonl').write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n'
+                                              for r in rows))
+    call = (f'`build_emoji_set(DIR, size={size}, n_concepts={n_concepts}, styles={tuple(styles)}, '
+            f'seed={seed}, shared_only={shared_only}, skin_tones={skin_tones}, tags={tags})`')
+    cli = ('--full' if n_concepts is None and not shared_only and skin_tones
+           else f'--n-concepts {n_concepts} --seed {seed}'
+           if shared_only and not skin_tones and n_concepts else None)
+    if cli and tuple(styles) == ('noto', 'fluent'):
+        call += (f' or `pixeldiff-build-samples --out DIR --size {size} '
+                 f'{cli}{"" if tags else " --no-tags"}`')
     _write_notice(out, provenance, size, call, len(rows), srcs.get('tags'))
-    if verbose: print(f'wrote {len(rows)} images ({", ".join(f"{st}: {len(chosen[st])}" for st in styles)}) to {out}')
+    if verbose:
+        print(f'wrote {len(rows)} images '
+              f'({", ".join(f"{st}: {len(chosen[st])}" for st in styles)}) to {out}')
     return out
 
 def _concept_map(iset: dict, skin_tones: bool) -> dict:
-    "Concept slug -> icon name; Fluent's tone suffixes (`-medium`) are renamed like Noto's (`-medium-skin-tone`)."
-    names = emoji_names(iset, skin_tones); ns = set(names)
-    tone = lambda n: 'skin-tone' not in n and not re.search(r'-tone[1-5]$', n) and is_skin_tone_variant(n, ns)
+    "Concept -> icon name; Fluent's tone suffixes (`-medium`) renamed as in Noto (`-…-skin-tone`)."
+    names = emoji_names(iset, skin_tones)
+    ns = set(names)
+    tone = lambda n: ('skin-tone' not in n and not re.search(r'-tone[1-5]$', n)
+                      and is_skin_tone_variant(n, ns))
     return {(n + '-skin-tone' if tone(n) else n): n for n in names}
 
 def _category(isets, name):
@@ -206,35 +240,56 @@ def _category(isets, name):
 # %% ../nbs/01a_emoji.ipynb #b258af0a
 def _write_notice(out: Path, provenance: dict, size, rebuild: str, n_images, tags_src=None):
     "Write README.md (what is where, how to rebuild) and copy the licence texts into `out`."
-    lic = out/'LICENSES'; lic.mkdir(exist_ok=True)
+    lic = out/'LICENSES'
+    lic.mkdir(exist_ok=True)
     try: bundled = data_samples_dir()/'LICENSES'
     except FileNotFoundError: bundled = None
-    if bundled and bundled.is_dir() and bundled.resolve() != lic.resolve(): shutil.copytree(bundled, lic, dirs_exist_ok=True)
-    if tags_src is not None and not Path(tags_src).is_dir():     # emojibase ships its own licence file
-        with tarfile.open(tags_src) as tf: (lic/'emojibase-data-MIT.txt').write_bytes(tf.extractfile('package/LICENSE').read())
-    lines = [f'# Emoji image–caption set ({n_images} images, {size}×{size} px)', '',
-             'Rendered by `pixeldiff_nb.emoji.build_emoji_set` (console command `pixeldiff-build-samples`) with resvg-py, '
-             'composited on white. Captions come from the emoji names (Unicode CLDR short names), the style and the category.', '',
-             '| file names | source | licence | licence text |', '|---|---|---|---|']
+    if bundled and bundled.is_dir() and bundled.resolve() != lic.resolve():
+        shutil.copytree(bundled, lic, dirs_exist_ok=True)
+    if tags_src is not None and not Path(tags_src).is_dir():  # emojibase ships its own licence file
+        with tarfile.open(tags_src) as tf:
+            (lic/'emojibase-data-MIT.txt').write_bytes(tf.extractfile('package/LICENSE').read())
+    lines = [
+        f'# Emoji image–caption set ({n_images} images, {size}×{size} px)',
+        '',
+        'Rendered by `pixeldiff_nb.emoji.build_emoji_set` (console command '
+        '`pixeldiff-build-samples`) with resvg-py, composited on white. Captions come from the '
+        'emoji names (Unicode CLDR short names), the style and the category.',
+        '',
+        '| file names | source | licence | licence text |',
+        '|---|---|---|---|',
+    ]
     for st, (src, l) in provenance.items():
         lines.append(f'| `images/{st}_*.png` | `{src}` | {l} | `LICENSES/{l}.txt` |')
-    lines += ['', f'Rebuild: {rebuild}.',
-              'Noto Emoji: Copyright Google Inc., Apache License 2.0. Fluent Emoji: Copyright (c) Microsoft Corporation, MIT License.',
-              f'The `tags` column, when present, comes from `{"@".join(TAGS_PACKAGE[:2])}` (MIT, `LICENSES/emojibase-data-MIT.txt`).', '']
+    lines += [
+        '',
+        f'Rebuild: {rebuild}.',
+        'Noto Emoji: Copyright Google Inc., Apache License 2.0. '
+        'Fluent Emoji: Copyright (c) Microsoft Corporation, MIT License.',
+        f'The `tags` column, when present, comes from `{"@".join(TAGS_PACKAGE[:2])}` '
+        '(MIT, `LICENSES/emojibase-data-MIT.txt`).',
+        '',
+    ]
     (out/'README.md').write_text('\n'.join(lines))
 
 # %% ../nbs/01a_emoji.ipynb #73297f37
 def build_samples_cli(argv=None):
-    "Console command `pixeldiff-build-samples`: rebuild the bundled emoji set, or the full set, into a folder it prints."
-    p = argparse.ArgumentParser(prog='pixeldiff-build-samples', description='Render the emoji image-caption set from npm.')
-    p.add_argument('--out', help='output folder (default: a cache folder; `--out data_samples` rebuilds the bundled set)')
-    p.add_argument('--full', action='store_true', help='every icon of both sets, skin tones included (~7k images)')
+    "`pixeldiff-build-samples`: build the bundled or the full emoji set into a folder it prints."
+    p = argparse.ArgumentParser(prog='pixeldiff-build-samples',
+                                description='Render the emoji image-caption set from npm.')
+    p.add_argument('--out', help='output folder (default: a cache folder; '
+                                 '`--out data_samples` rebuilds the bundled set)')
+    p.add_argument('--full', action='store_true',
+                   help='every icon of both sets, skin tones included (~7k images)')
     p.add_argument('--size', type=int, default=64, help='image side in pixels')
-    p.add_argument('--n-concepts', type=int, default=300, help='concepts drawn in both styles (ignored with --full)')
+    p.add_argument('--n-concepts', type=int, default=300,
+                   help='concepts drawn in both styles (ignored with --full)')
     p.add_argument('--seed', type=int, default=0, help='seed of the concept choice')
     p.add_argument('--no-tags', action='store_true', help='skip the emojibase keyword tags column')
     a = p.parse_args(argv)
-    out = Path(a.out) if a.out else cache_dir('emoji', f"{'full' if a.full else 'samples'}-{a.size}px")
-    kw = dict(n_concepts=None, shared_only=False, skin_tones=True) if a.full else dict(n_concepts=a.n_concepts)
+    out = (Path(a.out) if a.out
+           else cache_dir('emoji', f"{'full' if a.full else 'samples'}-{a.size}px"))
+    kw = (dict(n_concepts=None, shared_only=False, skin_tones=True) if a.full
+          else dict(n_concepts=a.n_concepts))
     build_emoji_set(out, size=a.size, seed=a.seed, tags=not a.no_tags, **kw)
     print(out)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .core import img_to_tensor, resolve_pretrained, show_images
-from .data import SHAPE_COLORS, BACKGROUNDS, SHAPES, POSITIONS, SIZES, NUMBERS, decode_image
+from .data import (SHAPE_COLORS, BACKGROUNDS, SHAPES, POSITIONS, SIZES, NUMBERS,
+                               decode_image)
 from .perceptual import lpips_backbone_weights
 from .repa import vgg16_features, load_vit, IMAGENET_MEAN, IMAGENET_STD
 from .training import val_loss_bins, generate
@@ -27,15 +28,17 @@ __all__ = ['CLIP_L336', 'DINOV2_L_REG', 'CLIP_MEAN', 'CLIP_STD', 'SCORED', 'gaus
 
 # %% ../nbs/11_evaluation.ipynb #55653d04
 def gaussian_stats(feats) -> tuple[torch.Tensor, torch.Tensor]:
-    "Mean (D,) and unbiased covariance (D, D), in float64, of features (N, D): the Gaussian a Fréchet distance compares."
+    "Mean (D,) and unbiased covariance (D, D) in float64 of features (N, D): the Gaussian FD fits."
     f = torch.as_tensor(feats).double().flatten(1)
-    if f.shape[0] < 2: raise ValueError(f"Need at least 2 feature vectors to fit a Gaussian, got {f.shape[0]}.")
-    mu = f.mean(0); c = f - mu
+    if f.shape[0] < 2:
+        raise ValueError(f"Need at least 2 feature vectors to fit a Gaussian, got {f.shape[0]}.")
+    mu = f.mean(0)
+    c = f - mu
     return mu, c.T @ c / (f.shape[0] - 1)                          # Σ = (X − μ)ᵀ(X − μ) / (N − 1)
 
 # %% ../nbs/11_evaluation.ipynb #4085a91a
 def _rank_clip(w: torch.Tensor) -> torch.Tensor:
-    "Eigenvalues below the numerical-rank tolerance λ_max·D·ε set to 0 (rounding noise, not signal)."
+    "Eigenvalues below the numerical-rank tolerance λ_max·D·ε set to 0 (rounding noise)."
     tol = w.max().clamp(min=0) * len(w) * torch.finfo(w.dtype).eps
     return torch.where(w > tol, w, torch.zeros_like(w))
 
@@ -48,22 +51,24 @@ def frechet_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     "‖μ₁−μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) in float64, the trace term from the symmetric Σ₁^½ Σ₂ Σ₁^½."
     mu1, s1, mu2, s2 = (torch.as_tensor(t).double() for t in (mu1, sigma1, mu2, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"Statistics do not match: means {tuple(mu1.shape)}, {tuple(mu2.shape)}, "
-                         f"covariances {tuple(s1.shape)}, {tuple(s2.shape)}: use features from the same encoder.")
+        raise ValueError(f"Statistics do not match: means {tuple(mu1.shape)}, "
+                         f"{tuple(mu2.shape)}, covariances {tuple(s1.shape)}, "
+                         f"{tuple(s2.shape)}: use features from the same encoder.")
     r1 = _psd_sqrt(s1)
-    m = r1 @ s2 @ r1                                               # similar to Σ₁Σ₂, but symmetric PSD
+    m = r1 @ s2 @ r1  # similar to Σ₁Σ₂, but symmetric PSD
     tr_sqrt = _rank_clip(torch.linalg.eigvalsh((m + m.T) / 2)).sqrt().sum()    # tr (Σ₁Σ₂)^½
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
 
 def frechet_distance(x, y) -> float:
-    "Fréchet distance between Gaussians fitted to features x (N, D) and y (M, D); FID when they are Inception's."
+    "Fréchet distance of Gaussians fitted to features x (N, D), y (M, D); FID on Inception's."
     return frechet_from_stats(*gaussian_stats(x), *gaussian_stats(y))
 
 # %% ../nbs/11_evaluation.ipynb #dff23f25
 def torchmetrics_uint8_quirk(images: torch.Tensor) -> torch.Tensor:
-    "The images torchmetrics' FID(normalize=True) feeds Inception when handed uint8 (as PRX does): x·255, wrapped mod 256."
-    if images.dtype != torch.uint8: raise ValueError(f"The quirk concerns uint8 images; got {images.dtype}.")
-    return images * 255                                            # uint8 wraps: v -> (256 - v) mod 256
+    "What torchmetrics' FID(normalize=True) feeds Inception for uint8 (as PRX): x·255 mod 256."
+    if images.dtype != torch.uint8:
+        raise ValueError(f"The quirk concerns uint8 images; got {images.dtype}.")
+    return images * 255  # uint8 wraps: v -> (256 - v) mod 256
 
 # %% ../nbs/11_evaluation.ipynb #cc0dd4f8
 def _rbf(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -71,13 +76,16 @@ def _rbf(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.exp(-d2.clamp(min=0) / (2 * sigma ** 2))
 
 def mmd(x, y, sigma: float = 10.0, scale: float = 1000.0, unbiased: bool = False) -> float:
-    "CMMD's distance: squared MMD with kernel exp(−‖a−b‖²/2σ²), × scale; biased (diagonal kept, as CMMD) by default."
+    "CMMD's distance: MMD² with kernel exp(−‖a−b‖²/2σ²), × scale; biased (as CMMD) by default."
     x, y = torch.as_tensor(x).double().flatten(1), torch.as_tensor(y).double().flatten(1)
-    if x.shape[1] != y.shape[1]: raise ValueError(f"Feature sizes differ ({x.shape[1]} vs {y.shape[1]}): use the same encoder.")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"Feature sizes differ ({x.shape[1]} vs "
+                         f"{y.shape[1]}): use the same encoder.")
     n, m = len(x), len(y)
     kxx, kyy, kxy = _rbf(x, x, sigma), _rbf(y, y, sigma), _rbf(x, y, sigma)
     if unbiased:
-        if min(n, m) < 2: raise ValueError("The unbiased estimate needs at least 2 samples per set.")
+        if min(n, m) < 2:
+            raise ValueError("The unbiased estimate needs at least 2 samples per set.")
         exx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
         eyy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
     else: exx, eyy = kxx.mean(), kyy.mean()
@@ -85,90 +93,103 @@ def mmd(x, y, sigma: float = 10.0, scale: float = 1000.0, unbiased: bool = False
 
 # %% ../nbs/11_evaluation.ipynb #1927cddb
 CLIP_L336 = 'openai/clip-vit-large-patch14-336'           # CMMD's encoder
-DINOV2_L_REG = 'facebook/dinov2-with-registers-large'     # DINO-MMD's encoder (torch.hub dinov2_vitl14_reg)
+# DINO-MMD's encoder (torch.hub dinov2_vitl14_reg)
+DINOV2_L_REG = 'facebook/dinov2-with-registers-large'
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 class ImageEncoder(nn.Module):
-    "Base of the metric encoders: images (B, 3, H, W) in [-1, 1] -> features (B, D), float32; frozen, always in eval mode."
-    stand_in = False                                      # True for encoders that only stand in for the recipe's
+    "Metric encoders' base: images (B, 3, H, W) in [-1, 1] -> float32 (B, D); frozen, eval mode."
+    stand_in = False  # True for encoders that only stand in for the recipe's
     def __init__(self, net: nn.Module, name: str,
-                 size: int | None = None,                 # square side the images are resized to (None: keep)
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD,    # input normalisation of the network
-                 crop: bool = False):                     # True: shorter side to `size`, then centre crop (CLIP)
+                 size: int | None = None,               # square side to resize to (None: keep)
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD,  # input normalisation of the network
+                 crop: bool = False):                   # True: shorter side to `size`, centre crop
         super().__init__()
-        self.net, self.name, self.size, self.crop = net.eval().requires_grad_(False), name, size, crop
+        self.net, self.name, self.size, self.crop = (
+            net.eval().requires_grad_(False), name, size, crop)
         self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.train(False)
     def train(self, mode: bool = True): return super().train(False)
-    def embed(self, x: torch.Tensor) -> torch.Tensor: raise NotImplementedError   # normalised images -> (B, D)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # normalised images -> (B, D)
+        raise NotImplementedError
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         "[-1, 1] -> [0, 1] -> resized (bicubic, antialiased) -> normalised."
         x = ((x.float() + 1) / 2).clamp(0, 1)
         if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
             H, W = x.shape[-2:]
             s = self.size / min(H, W) if self.crop else None
-            hw = (max(self.size, round(H * s)), max(self.size, round(W * s))) if self.crop else (self.size, self.size)
-            x = F.interpolate(x, size=hw, mode='bicubic', antialias=True, align_corners=False).clamp(0, 1)
+            hw = ((max(self.size, round(H * s)), max(self.size, round(W * s))) if self.crop
+                  else (self.size, self.size))
+            x = F.interpolate(x, size=hw, mode='bicubic', antialias=True,
+                              align_corners=False).clamp(0, 1)
             top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
             x = x[..., top:top + self.size, left:left + self.size]
         return (x - self.mean) / self.std
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != 3: raise ValueError(f"Expected images (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}.")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Expected images (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}.")
         return self.embed(self.prepare(x.to(self.mean.device))).float()
 
 class VGGEncoder(ImageEncoder):
-    "STAND-IN for Inception/CLIP/DINO (none offline): ImageNet VGG16 relu5_3, global-average-pooled to 512-d."
+    "STAND-IN for Inception/CLIP/DINO (offline): ImageNet VGG16 relu5_3, average-pooled to 512-d."
     stand_in = True
-    def __init__(self, pretrained: bool = True,          # ImageNet weights (06_perceptual); False: random (tests)
+    def __init__(self, pretrained: bool = True,  # ImageNet (06_perceptual); False: random (tests)
                  size: int | None = None, download: bool = True):
-        net = vgg16_features(29)                          # torchvision's vgg16().features[:30], ends at relu5_3
+        net = vgg16_features(29)  # torchvision's vgg16().features[:30], ends at relu5_3
         if pretrained:
             sd = lpips_backbone_weights('vgg', download=download)
-            net.load_state_dict({k[len('features.'):]: v for k, v in sd.items() if k.startswith('features.')})
-        super().__init__(net, f"STAND-IN VGG16 relu5_3 avg-pool ({'ImageNet' if pretrained else 'random'} weights; "
-                              f"not Inception/CLIP/DINO)", size)
+            net.load_state_dict({k[len('features.'):]: v for k, v in sd.items()
+                                 if k.startswith('features.')})
+        super().__init__(net, "STAND-IN VGG16 relu5_3 avg-pool "
+                              f"({'ImageNet' if pretrained else 'random'} weights; "
+                              "not Inception/CLIP/DINO)", size)
     def embed(self, x): return self.net(x).mean((2, 3))
 
 class CLIPEncoder(ImageEncoder):
-    "CMMD's encoder: CLIP vision tower + projection (`transformers`), shorter side to its size, centre crop."
-    def __init__(self, model=CLIP_L336,                   # hub id / local folder, a CLIPVisionConfig (random weights) or a model
+    "CMMD's encoder: CLIP vision tower + projection (`transformers`), short side resize, crop."
+    def __init__(self, model=CLIP_L336,  # hub id, folder, CLIPVisionConfig (random weights), model
                  local_dir: str | None = None):
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
         if isinstance(model, CLIPVisionConfig): net = CLIPVisionModelWithProjection(model)
         elif isinstance(model, nn.Module): net = model
         else:
             if local_dir is None and Path(model).is_dir(): local_dir = model
-            net = CLIPVisionModelWithProjection.from_pretrained(resolve_pretrained(model, local_dir), dtype=torch.float32)
+            net = CLIPVisionModelWithProjection.from_pretrained(
+                resolve_pretrained(model, local_dir), dtype=torch.float32)
         c = net.config
-        super().__init__(net, c.name_or_path or 'CLIP (random weights)', c.image_size, CLIP_MEAN, CLIP_STD, crop=True)
+        super().__init__(net, c.name_or_path or 'CLIP (random weights)', c.image_size, CLIP_MEAN,
+                         CLIP_STD, crop=True)
     def embed(self, x): return self.net(pixel_values=x).image_embeds
 
 class DinoEncoder(ImageEncoder):
-    "DINO-MMD's encoder: a DINOv2/v3 ViT (`transformers`), images resized bicubically to `size`², pooled output."
-    def __init__(self, model=DINOV2_L_REG,                # hub id / local folder, a config (random weights) or a model
+    "DINO-MMD's encoder: a DINOv2/v3 ViT (`transformers`), bicubic resize to `size`², pooled out."
+    def __init__(self, model=DINOV2_L_REG,  # hub id, folder, a config (random weights) or a model
                  size: int = 518, local_dir: str | None = None):
         net = load_vit(model, local_dir)
-        super().__init__(net, net.config.name_or_path or f'{net.config.model_type} (random weights)', size)
+        super().__init__(net, net.config.name_or_path
+                         or f'{net.config.model_type} (random weights)', size)
     def embed(self, x): return self.net(pixel_values=x).pooler_output
 
 # %% ../nbs/11_evaluation.ipynb #2a078d88
 @torch.no_grad()
 def encode_images(encoder, images, batch_size: int = 64) -> torch.Tensor:
-    "Features (N, D) of images (a tensor (N, 3, H, W) in [-1, 1], or a list of tensors / PIL images) from any encoder."
+    "Features (N, D) from any encoder of images (N, 3, H, W) in [-1, 1], or a list of tensors/PIL."
     if isinstance(images, torch.Tensor): batches = list(images.split(batch_size))
     else:
         batches = []
-        for im in (img_to_tensor(i) if isinstance(i, Image.Image) else torch.as_tensor(i) for i in images):
-            if batches and batches[-1][-1].shape == im.shape and len(batches[-1]) < batch_size: batches[-1].append(im)
+        for im in (img_to_tensor(i) if isinstance(i, Image.Image) else torch.as_tensor(i)
+                   for i in images):
+            if batches and batches[-1][-1].shape == im.shape and len(batches[-1]) < batch_size:
+                batches[-1].append(im)
             else: batches.append([im])                   # a new batch whenever the size changes
         batches = [torch.stack(b) for b in batches]
     if not batches: raise ValueError("No images to encode.")
     return torch.cat([encoder(b).float().cpu() for b in batches])
 
 def distribution_metrics(real_feats, fake_feats) -> dict:
-    "Fréchet distance on raw features and MMD² × 1000 (σ = 10) on L2-normalised features, as FID and CMMD compute them."
+    "FD on raw features and MMD² × 1000 (σ = 10) on L2-normalised ones, as FID and CMMD do."
     r, f = torch.as_tensor(real_feats).double(), torch.as_tensor(fake_feats).double()
     return {'fd': frechet_distance(r, f), 'mmd': mmd(F.normalize(r, dim=1), F.normalize(f, dim=1))}
 
@@ -176,16 +197,19 @@ def distribution_metrics(real_feats, fake_feats) -> dict:
 _COUNTS = {w: n for n, w in NUMBERS.items()}
 _PHRASES = {phrase: name for name, (phrase, _) in POSITIONS.items()}
 _ALT = lambda xs: '|'.join(re.escape(x) for x in xs)
-_PROMPT = re.compile(rf"({_ALT(_COUNTS)}) ({_ALT(SIZES)}) ({_ALT(SHAPE_COLORS)}) ({_ALT(SHAPES)})s? "
-                     rf"({_ALT(_PHRASES)}) on an? ({_ALT(BACKGROUNDS)}) background")
+_PROMPT = re.compile(rf"({_ALT(_COUNTS)}) ({_ALT(SIZES)}) ({_ALT(SHAPE_COLORS)}) "
+                     rf"({_ALT(SHAPES)})s? ({_ALT(_PHRASES)}) "
+                     rf"on an? ({_ALT(BACKGROUNDS)}) background")
 
 def parse_shapes_prompt(prompt: str) -> dict:
-    "The attributes (count, size, color, shape, position, background) of a shapes-set caption; ValueError otherwise."
+    "Count, size, color, shape, position and background of a shapes-set caption; else ValueError."
     m = _PROMPT.fullmatch(prompt.strip().lower())
-    if m is None: raise ValueError(f"Not a shapes-set caption: {prompt!r} (expected e.g. 'two small red circles on the left "
-                                   f"on a white background', see data.shapes_sample).")
+    if m is None:
+        raise ValueError(f"Not a shapes-set caption: {prompt!r} (expected e.g. 'two small red "
+                         "circles on the left on a white background', see data.shapes_sample).")
     count, size, color, shape, phrase, bg = m.groups()
-    return dict(count=_COUNTS[count], size=size, color=color, shape=shape, position=_PHRASES[phrase], background=bg)
+    return dict(count=_COUNTS[count], size=size, color=color, shape=shape,
+                position=_PHRASES[phrase], background=bg)
 
 # %% ../nbs/11_evaluation.ipynb #fdfcd5d6
 def components(mask: torch.Tensor) -> torch.Tensor:
@@ -197,7 +221,8 @@ def components(mask: torch.Tensor) -> torch.Tensor:
     lab = torch.arange(1, H * W + 1, dtype=torch.float32).view(1, H, W) * m
     while True:
         p = F.pad(lab, (1, 1, 1, 1))
-        new = torch.stack([lab, p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amax(0) * m
+        new = torch.stack([lab, p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2],
+                           p[:, 1:-1, 2:]]).amax(0) * m
         if torch.equal(new, lab): break
         lab = new
     return lab[0].long() if squeeze else lab.long()
@@ -210,33 +235,40 @@ def _nearest(rgb: torch.Tensor, palette: torch.Tensor, names) -> str:
     return list(names)[int((palette - rgb).norm(dim=1).argmin())]
 
 def _region(cx: float, cy: float) -> str:
-    "The 3×3 cell of a point given as fractions of the width and height ('top left', ..., 'center')."
+    "The 3×3 cell of a point given as fractions of width and height ('top left', ..., 'center')."
     col = 'left' if cx < 1/3 else 'right' if cx > 2/3 else ''
     row = 'top' if cy < 1/3 else 'bottom' if cy > 2/3 else ''
     return f'{row} {col}'.strip() or 'center'
 
-def read_shapes(img, threshold: float = 45.0,   # least RGB distance (0-255) from the background for a foreground pixel
-                min_frac: float = 0.2) -> dict:  # components smaller than this fraction of the largest are noise
-    "Read background, shape colour, count, centroids (fractions of W, H) and 3×3 cell back from an image (PIL or [-1, 1])."
-    x = (img_to_tensor(img) if isinstance(img, Image.Image) else torch.as_tensor(img).detach().float().cpu())
-    if x.ndim != 3 or x.shape[0] != 3: raise ValueError(f"Expected one RGB image (3, H, W), got {tuple(x.shape)}.")
+def read_shapes(img,
+                threshold: float = 45.0,         # least RGB distance (0-255) of a foreground pixel
+                min_frac: float = 0.2) -> dict:  # components < min_frac × the largest are noise
+    "Read background, colour, count, centroids (fractions of W, H), 3×3 cell of a PIL/[-1,1] image."
+    x = (img_to_tensor(img) if isinstance(img, Image.Image)
+         else torch.as_tensor(img).detach().float().cpu())
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"Expected one RGB image (3, H, W), got {tuple(x.shape)}.")
     x = x.clamp(-1, 1).add(1).mul(127.5)                                           # 0..255
     _, H, W = x.shape
-    bg = torch.cat([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], 1).median(1).values   # border pixels
+    # border pixels
+    bg = torch.cat([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], 1).median(1).values
     dist = (x - bg[:, None, None]).norm(dim=0)
     strong = dist[dist > threshold]
-    fg = dist > max(threshold, 0.5 * float(strong.quantile(0.9))) if strong.numel() else dist > threshold
-    out = dict(background=_nearest(bg, _BG_RGB, BACKGROUNDS), color=None, count=0, centroids=[], cell=None)
+    fg = (dist > max(threshold, 0.5 * float(strong.quantile(0.9))) if strong.numel()
+          else dist > threshold)
+    out = dict(background=_nearest(bg, _BG_RGB, BACKGROUNDS), color=None, count=0, centroids=[],
+               cell=None)
     if not fg.any(): return out
     lab = components(fg)
     ids, areas = lab[fg].unique(return_counts=True)
     keep = ids[areas >= max(4, min_frac * float(areas.max()))]
     if not len(keep): return out                           # only specks: no shape drawn
     sel = torch.isin(lab, keep)
-    core = sel & (dist >= 0.85 * dist[sel].quantile(0.95))                         # fully covered pixels
+    core = sel & (dist >= 0.85 * dist[sel].quantile(0.95))  # fully covered pixels
     out['color'] = _nearest(x[:, core].median(1).values, _FG_RGB, SHAPE_COLORS)
     ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing='ij')
-    out['centroids'] = [(float(xs[lab == i].mean()) / W, float(ys[lab == i].mean()) / H) for i in keep]
+    out['centroids'] = [(float(xs[lab == i].mean()) / W, float(ys[lab == i].mean()) / H)
+                        for i in keep]
     out['count'] = len(keep)
     out['cell'] = _region(*np.mean(out['centroids'], axis=0))
     return out
@@ -245,58 +277,75 @@ def read_shapes(img, threshold: float = 45.0,   # least RGB distance (0-255) fro
 SCORED = ('background', 'color', 'count', 'position')
 
 def judge_shapes(read: dict, attrs: dict) -> dict:
-    "Which attributes of a shapes prompt (`attrs`, as `parse_shapes_prompt` gives) an image's `read_shapes` result satisfies."
+    "Which attributes of a shapes prompt (`parse_shapes_prompt`) a `read_shapes` result meets."
     x0, y0, x1, y1 = POSITIONS[attrs['position']][1]
-    ok = dict(background=read['background'] == attrs['background'], color=read['color'] == attrs['color'],
-              count=read['count'] == attrs['count'],
-              position=read['count'] > 0 and all(x0 <= cx <= x1 and y0 <= cy <= y1 for cx, cy in read['centroids']))
+    ok = dict(background=read['background'] == attrs['background'],
+              color=read['color'] == attrs['color'], count=read['count'] == attrs['count'],
+              position=read['count'] > 0 and all(x0 <= cx <= x1 and y0 <= cy <= y1
+                                                 for cx, cy in read['centroids']))
     ok['all'] = all(ok.values())
     return ok
 
 def prompt_following(images, attrs) -> dict:
-    "Per-attribute accuracy and the all-correct rate of images (tensor (N, 3, H, W) in [-1, 1] or PIL list) against their prompts' attributes."
-    if len(images) != len(attrs): raise ValueError(f"{len(images)} images but {len(attrs)} prompts' attributes.")
+    "Per-attribute accuracy, all-correct rate of images ((N, 3, H, W) or PIL) vs prompts' attrs."
+    if len(images) != len(attrs):
+        raise ValueError(f"{len(images)} images but {len(attrs)} prompts' attributes.")
     if len(attrs) == 0: raise ValueError("No images to score.")
     judged = [judge_shapes(read_shapes(im), a) for im, a in zip(images, attrs)]
-    return {**{k: float(np.mean([j[k] for j in judged])) for k in SCORED + ('all',)}, 'n': len(judged), 'judged': judged}
+    return {**{k: float(np.mean([j[k] for j in judged])) for k in SCORED + ('all',)},
+            'n': len(judged), 'judged': judged}
 
 # %% ../nbs/11_evaluation.ipynb #7537eae5
 def show_judged(images, prompts, judged, n: int = 8, size: float = 1.8):
-    "A grid of images titled by their prompt and a ✓/✗ per scored attribute (bg, colour, count, position); returns the figure."
+    "A grid of images titled by prompt and ✓/✗ per scored attribute (bg, colour, count, position)."
     fig = show_images(list(images)[:n], ncols=min(n, 4), size=size)
     for ax, p, j in zip(fig.axes, prompts[:n], judged[:n]):
-        marks = '  '.join(f"{k}{'✓' if j[a] else '✗'}" for k, a in zip(('bg', 'colour', 'count', 'pos'), SCORED))
-        ax.set_title('\n'.join(textwrap.wrap(p, int(17 * size))) + '\n' + marks, fontsize=6.5)   # ~17 characters per inch
-    fig.set_size_inches(fig.get_size_inches() * (1, 1.35)); fig.tight_layout()
+        marks = '  '.join(f"{k}{'✓' if j[a] else '✗'}"
+                          for k, a in zip(('bg', 'colour', 'count', 'pos'), SCORED))
+        # ~17 characters per inch
+        ax.set_title('\n'.join(textwrap.wrap(p, int(17 * size))) + '\n' + marks, fontsize=6.5)
+    fig.set_size_inches(fig.get_size_inches() * (1, 1.35))
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/11_evaluation.ipynb #d7213540
-def reference_images(data, n: int | None = None, size: int | None = None) -> tuple[torch.Tensor, list[dict]]:
-    "The first n images of an ImageTextData as a tensor in [-1, 1] (resized to size² if given) and their other columns."
+def reference_images(data, n: int | None = None,
+                     size: int | None = None) -> tuple[torch.Tensor, list[dict]]:
+    "The first n images of an ImageTextData in [-1, 1] (resized to size² if given), other columns."
     ds = data.ds.select(range(min(n or len(data), len(data))))
     ims, rows = [], []
     for r in ds:
         im = decode_image(r[data.image_column]).convert('RGB')
         if size is not None and im.size != (size, size): im = im.resize((size, size), Image.BICUBIC)
-        ims.append(img_to_tensor(im)); rows.append({k: v for k, v in r.items() if k != data.image_column})
+        ims.append(img_to_tensor(im))
+        rows.append({k: v for k, v in r.items() if k != data.image_column})
     if not ims: raise ValueError("The reference data is empty.")
     return torch.stack(ims), rows
 
 @torch.no_grad()
-def evaluate(net: nn.Module, text, prompts: list, *, real=None, encoder=None, val_batches: list | None = None,
-             attrs: list | None = None,       # shapes attributes per prompt (parse_shapes_prompt): score prompt following
-             size=(64, 64), steps: int = 50, guidance: float = 3.5, seed: int = 0, batch_size: int = 32,
-             mode: str = 'auto',              # 'auto': TREAD self-guidance for a routed run (`tread`), else CFG, as PRX
+def evaluate(net: nn.Module, text, prompts: list, *, real=None, encoder=None,
+             val_batches: list | None = None,
+             attrs: list | None = None,  # per-prompt shapes attributes: score prompt following
+             size=(64, 64), steps: int = 50, guidance: float = 3.5, seed: int = 0,
+             batch_size: int = 32,
+             mode: str = 'auto',  # 'auto': self-guidance if `tread` routes, else CFG (as PRX)
              tread=None, noise_scale: float = 1.0) -> dict:
-    "Generate images for `prompts`; return them with validation loss per t-bin, FD/MMD against `real`, prompt following."
-    if attrs is not None and len(attrs) != len(prompts): raise ValueError(f"{len(prompts)} prompts but {len(attrs)} attrs.")
-    if real is not None and encoder is None: raise ValueError("Distribution metrics need an encoder: pass encoder=VGGEncoder() or another.")
-    gen = lambda ps, s: generate(net, text, ps, size, steps, guidance, mode, s, tread=tread, noise_scale=noise_scale)
-    imgs = torch.cat([gen(list(prompts[i:i + batch_size]), seed + i).cpu() for i in range(0, len(prompts), batch_size)])
+    "Images for `prompts` with val loss per t-bin, FD/MMD against `real`, prompt following."
+    if attrs is not None and len(attrs) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(attrs)} attrs.")
+    if real is not None and encoder is None:
+        raise ValueError("Distribution metrics need an encoder: "
+                         "pass encoder=VGGEncoder() or another.")
+    gen = lambda ps, s: generate(net, text, ps, size, steps, guidance, mode, s, tread=tread,
+                                 noise_scale=noise_scale)
+    imgs = torch.cat([gen(list(prompts[i:i + batch_size]), seed + i).cpu()
+                      for i in range(0, len(prompts), batch_size)])
     out = {'images': imgs, 'prompts': list(prompts)}
     if val_batches: out['val'] = val_loss_bins(net, val_batches, seed=seed)
     if real is not None:
-        rf = real if isinstance(real, torch.Tensor) and real.ndim == 2 else encode_images(encoder, real, batch_size)
-        out.update(distribution_metrics(rf, encode_images(encoder, imgs, batch_size)), encoder=getattr(encoder, 'name', str(encoder)))
+        rf = (real if isinstance(real, torch.Tensor) and real.ndim == 2
+              else encode_images(encoder, real, batch_size))
+        out.update(distribution_metrics(rf, encode_images(encoder, imgs, batch_size)),
+                   encoder=getattr(encoder, 'name', str(encoder)))
     if attrs is not None: out['prompt_following'] = prompt_following(imgs, attrs)
     return out

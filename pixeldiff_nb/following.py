@@ -23,35 +23,39 @@ __all__ = ['TARGET', 'INGREDIENTS', 'shapes_prompts', 'score_following', 'Follow
            'plot_following', 'text_probe', 'ingredients', 'ingredient_table', 'show_ingredients']
 
 # %% ../nbs/11a_following.ipynb #a8b97e20
-TARGET = {'color': 0.9, 'position': 0.8, 'count': 0.6, 'all': 0.4}   # issue 17: 256 held-out prompts, EMA weights
+# issue 17: 256 held-out prompts, EMA weights
+TARGET = {'color': 0.9, 'position': 0.8, 'count': 0.6, 'all': 0.4}
 
 def shapes_prompts(n: int, size: int = 32, seed: int = 1) -> tuple[list, list]:
-    "n shapes captions drawn with `seed` (the training set uses seed 0) and their parsed attributes."
+    "n shapes captions drawn with `seed` (the training set uses seed 0) and their parsed attributes"
     caps = [shapes_sample(i, size, seed)[1] for i in range(n)]
     return caps, [parse_shapes_prompt(c) for c in caps]
 
 # %% ../nbs/11a_following.ipynb #2111478e
 @torch.no_grad()
-def score_following(net, text, prompts: list, attrs: list, size: int = 32, steps: int = 20, guidance: float = 3.5,
-                    seed: int = 0) -> dict:
-    "Per-attribute and all-correct scores of `net` on `prompts` (one image each from fixed noise, CFG), with the images."
-    res = evaluate(net, text, prompts, attrs=attrs, size=(size, size), steps=steps, guidance=guidance, seed=seed, batch_size=64)
+def score_following(net, text, prompts: list, attrs: list, size: int = 32, steps: int = 20,
+                    guidance: float = 3.5, seed: int = 0) -> dict:
+    "Per-attribute and all-correct scores of `net` on `prompts` (fixed noise, CFG), with images."
+    res = evaluate(net, text, prompts, attrs=attrs, size=(size, size), steps=steps,
+                   guidance=guidance, seed=seed, batch_size=64)
     pf = res['prompt_following']
-    return {**{k: pf[k] for k in SCORED + ('all',)}, 'images': res['images'], 'judged': pf['judged']}
+    return {**{k: pf[k] for k in SCORED + ('all',)}, 'images': res['images'],
+            'judged': pf['judged']}
 
 # %% ../nbs/11a_following.ipynb #58de212e
 class FollowingCB(Callback):
-    "Score prompt following of the EMA weights on fixed prompts every `every` steps, at the start and at the end."
-    order = 17                                                   # after the sample grid (16)
-    def __init__(self, text, prompts: list, attrs: list, every: int = 100, ema=None, size: int = 32, steps: int = 20,
-                 guidance: float = 3.5, seed: int = 0, log_file=None,
-                 clock: Callable = time.process_time):            # the clock the training budget is counted on
-        self.text, self.prompts, self.attrs, self.every, self.ema = text, list(prompts), list(attrs), every, ema
+    "Score prompt following of the EMA weights on fixed prompts every `every` steps, first, last."
+    order = 17  # after the sample grid (16)
+    def __init__(self, text, prompts: list, attrs: list, every: int = 100, ema=None, size: int = 32,
+                 steps: int = 20, guidance: float = 3.5, seed: int = 0, log_file=None,
+                 clock: Callable = time.process_time):  # the training budget's clock
+        self.text, self.prompts, self.attrs, self.every, self.ema = (
+            text, list(prompts), list(attrs), every, ema)
         self.kw = dict(size=size, steps=steps, guidance=guidance, seed=seed)
         self.log_file, self.clock = (Path(log_file) if log_file else None), clock
         self.history, self.spent, self.last, self._net = [], 0.0, None, None
     def train_clock(self) -> float:
-        "`clock` less the time spent scoring: give it to TimeBudgetCB so that scoring does not eat the training budget."
+        "`clock` minus scoring time: for TimeBudgetCB, so scoring does not eat the training budget."
         return self.clock() - self.spent
     def score(self):
         c0, L = self.clock(), self.learn
@@ -77,16 +81,17 @@ class FollowingCB(Callback):
         if self.learn.rank == 0 and self.history[-1]['step'] != self.learn.step: self.score()
 
 # %% ../nbs/11a_following.ipynb #58d65c8f
-def train_following(preset: str = 'shapes', overrides=(), cpu_seconds: float | None = None, prompts=None, attrs=None,
-                    every: int = 100, steps: int = 20, threads: int | None = 1, progress: bool = False) -> Run:
-    "Train `preset` + `overrides` for `cpu_seconds` of training CPU time (scoring excluded), logging prompt following."
+def train_following(preset: str = 'shapes', overrides=(), cpu_seconds: float | None = None,
+                    prompts=None, attrs=None, every: int = 100, steps: int = 20,
+                    threads: int | None = 1, progress: bool = False) -> Run:
+    "Train `preset` + `overrides` for `cpu_seconds` of training CPU time, logging prompt following."
     if threads: torch.set_num_threads(threads)
     cfg = get_preset(preset, list(overrides))
     size = cfg.stages[-1].image_size
     if prompts is None: prompts, attrs = shapes_prompts(32, size)
     run = Run(cfg, progress=progress)
-    cb = FollowingCB(run.text, prompts, attrs, every, run.ema, size, steps, cfg.diffusion.guidance, cfg.seed,
-                     log_file=run.out/'following.jsonl')
+    cb = FollowingCB(run.text, prompts, attrs, every, run.ema, size, steps, cfg.diffusion.guidance,
+                     cfg.seed, log_file=run.out/'following.jsonl')
     run.fit([cb] + ([TimeBudgetCB(cpu_seconds, clock=cb.train_clock)] if cpu_seconds else []))
     run.following = cb
     return run
@@ -96,27 +101,32 @@ def read_following(log_file) -> list[dict]:
     "The prompt-following records of a run's following.jsonl."
     return [json.loads(l) for l in Path(log_file).read_text().splitlines() if l.strip()]
 
-def plot_following(records: list, x: str = 'step', ax=None, title: str | None = None, target: bool = True):
-    "Per-attribute and all-correct scores against steps (x='step') or training CPU minutes (x='train_s'); target dashed."
+def plot_following(records: list, x: str = 'step', ax=None, title: str | None = None,
+                   target: bool = True):
+    "Per-attribute and all-correct scores vs step (x='step') or training CPU minutes ('train_s')."
     import matplotlib.pyplot as plt
     if ax is None: fig, ax = plt.subplots(figsize=(4.5, 2.6), dpi=72)
     else: fig = ax.figure
     xs = [r[x] / (60 if x == 'train_s' else 1) for r in records]
     for i, k in enumerate(SCORED + ('all',)):
-        ax.plot(xs, [r['following'][k] for r in records], 'o-', ms=2.5, lw=1.2 if k == 'all' else 0.8, label=k, color=f'C{i}')
+        ax.plot(xs, [r['following'][k] for r in records], 'o-', ms=2.5,
+                lw=1.2 if k == 'all' else 0.8, label=k, color=f'C{i}')
         if target and k in TARGET: ax.axhline(TARGET[k], ls='--', lw=0.6, color=f'C{i}')
-    ax.set_ylim(0, 1.02); ax.set_xlabel('training CPU minutes' if x == 'train_s' else 'step'); ax.set_ylabel('score')
-    ax.legend(fontsize=6, ncol=5, loc='lower right'); ax.set_title(title or 'prompt following (dashed: target)', fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel('training CPU minutes' if x == 'train_s' else 'step')
+    ax.set_ylabel('score')
+    ax.legend(fontsize=6, ncol=5, loc='lower right')
+    ax.set_title(title or 'prompt following (dashed: target)', fontsize=8)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/11a_following.ipynb #edf3fb88
-def text_probe(text, captions: list, attrs: list, keys=('count', 'position', 'color'), test_frac: float = 0.3,
-               seed: int = 0, epochs: int = 300, lr: float = 0.1) -> dict:
-    "Held-out accuracy (and chance: the commonest class) of a linear probe per attribute on mean-pooled caption states."
+def text_probe(text, captions: list, attrs: list, keys=('count', 'position', 'color'),
+               test_frac: float = 0.3, seed: int = 0, epochs: int = 300, lr: float = 0.1) -> dict:
+    "Held-out accuracy (and chance) of a linear probe per attribute on mean-pooled caption states."
     from pixeldiff_nb.text import pool
     states, mask = text.get(captions) if hasattr(text, 'get') else text.encode(captions)
-    z = pool(states.float(), mask)                                   # (N, D) sentence embeddings, L2-normalised
+    z = pool(states.float(), mask)  # (N, D) sentence embeddings, L2-normalised
     z = (z - z.mean(0)) / z.std(0).clamp_min(1e-6)
     test = torch.rand(len(z), generator=torch.Generator().manual_seed(seed)) < test_frac
     out = {}
@@ -126,27 +136,34 @@ def text_probe(text, captions: list, attrs: list, keys=('count', 'position', 'co
         W = torch.zeros(z.shape[1], len(names), requires_grad=True)
         b = torch.zeros(len(names), requires_grad=True)
         opt = torch.optim.Adam([W, b], lr=lr)
-        for _ in range(epochs):                                      # multinomial logistic regression, full batch
+        for _ in range(epochs):  # multinomial logistic regression, full batch
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(z[~test] @ W + b, y[~test]) + 1e-3 * W.square().sum()
-            loss.backward(); opt.step()
+            loss = (torch.nn.functional.cross_entropy(z[~test] @ W + b, y[~test])
+                    + 1e-3 * W.square().sum())
+            loss.backward()
+            opt.step()
         with torch.no_grad(): acc = float(((z[test] @ W + b).argmax(1) == y[test]).float().mean())
-        out[k] = dict(accuracy=acc, chance=float(torch.bincount(y[test]).max() / test.sum()), classes=len(names))
+        out[k] = dict(accuracy=acc, chance=float(torch.bincount(y[test]).max() / test.sum()),
+                      classes=len(names))
     return out
 
 # %% ../nbs/11a_following.ipynb #a3588da9
-INGREDIENTS = {   # each ingredient alone on the AdamW baseline, then all together (overrides of the `shapes` preset)
+# each ingredient alone on the AdamW baseline, then all together (overrides of the `shapes` preset)
+INGREDIENTS = {
     'baseline': ['optim.kind=adamw', 'optim.lr=1e-3'],
-    '+Muon': [],                                                            # the preset's optimizer: Muon, lr 3e-3
-    '+LPIPS': ['optim.kind=adamw', 'optim.lr=1e-3', 'loss.lpips_weight=0.1', 'loss.lpips_resize=1.0'],
+    '+Muon': [],  # the preset's optimizer: Muon, lr 3e-3
+    '+LPIPS': ['optim.kind=adamw', 'optim.lr=1e-3', 'loss.lpips_weight=0.1',
+               'loss.lpips_resize=1.0'],
     '+TREAD': ['optim.kind=adamw', 'optim.lr=1e-3', 'tread.rate=0.5'],
-    '+REPA': ['optim.kind=adamw', 'optim.lr=1e-3', 'repa.weight=0.5'],      # VGG16 stand-in teacher (no DINO offline)
+    # VGG16 stand-in teacher (no DINO offline)
+    '+REPA': ['optim.kind=adamw', 'optim.lr=1e-3', 'repa.weight=0.5'],
     'all': ['loss.lpips_weight=0.1', 'loss.lpips_resize=1.0', 'tread.rate=0.5', 'repa.weight=0.5'],
 }
 
-def ingredients(variants: dict, prompts: list, attrs: list, base=(), preset: str = 'shapes', cpu_seconds: float = 300,
-                out_dir='runs/ingredients', steps: int = 20, n_show: int = 6, threads: int | None = 1) -> dict:
-    "Train each variant for `cpu_seconds` with `ablate`, score its EMA weights on the prompts; saved per variant, reused."
+def ingredients(variants: dict, prompts: list, attrs: list, base=(), preset: str = 'shapes',
+                cpu_seconds: float = 300, out_dir='runs/ingredients', steps: int = 20,
+                n_show: int = 6, threads: int | None = 1) -> dict:
+    "Train each variant for `cpu_seconds` with `ablate`; score its EMA weights (cached per variant)"
     if threads: torch.set_num_threads(threads)
     out = {}
     for name, overrides in variants.items():
@@ -155,32 +172,41 @@ def ingredients(variants: dict, prompts: list, attrs: list, base=(), preset: str
             r = ablate({name: overrides}, base, preset, out_dir, cpu_seconds=cpu_seconds)[name]
             run, size = r['run'], r['cfg'].stages[-1].image_size
             net = run.ema.copy_to(copy.deepcopy(unwrap(run.model).net))
-            sc = score_following(net, run.text, prompts, attrs, size, steps, r['cfg'].diffusion.guidance, r['cfg'].seed)
-            rec = dict(overrides=list(overrides), steps=r['steps'], cpu_s=r['cpu_s'], s_per_step=r['s_per_step'],
-                       val=r['final']['all'], following={k: sc[k] for k in SCORED + ('all',)}, n=len(prompts),
-                       prompts=prompts[:n_show], images=sc['images'][:n_show].add(1).mul(127.5).round().byte().tolist())
+            sc = score_following(net, run.text, prompts, attrs, size, steps,
+                                 r['cfg'].diffusion.guidance, r['cfg'].seed)
+            rec = dict(overrides=list(overrides), steps=r['steps'], cpu_s=r['cpu_s'],
+                       s_per_step=r['s_per_step'], val=r['final']['all'],
+                       following={k: sc[k] for k in SCORED + ('all',)}, n=len(prompts),
+                       prompts=prompts[:n_show],
+                       images=sc['images'][:n_show].add(1).mul(127.5).round().byte().tolist())
             f.write_text(json.dumps(rec))
         out[name] = json.loads(f.read_text())
     return out
 
 # %% ../nbs/11a_following.ipynb #f939f14c
 def ingredient_table(res: dict) -> str:
-    "A plain-text table: steps in the budget, CPU seconds per step, validation loss and prompt-following scores per variant."
-    head = f"{'variant':<10}{'steps':>6}{'s/step':>8}{'val':>7}" + ''.join(f'{k:>11}' for k in SCORED + ('all',))
-    rows = [f"{n:<10}{r['steps']:>6}{r['s_per_step']:>8.2f}{r['val']:>7.3f}" +
-            ''.join(f"{r['following'][k]:>11.3f}" for k in SCORED + ('all',)) for n, r in res.items()]
+    "A plain-text table per variant: steps, CPU s per step, validation loss, following scores."
+    head = (f"{'variant':<10}{'steps':>6}{'s/step':>8}{'val':>7}"
+            + ''.join(f'{k:>11}' for k in SCORED + ('all',)))
+    rows = [f"{n:<10}{r['steps']:>6}{r['s_per_step']:>8.2f}{r['val']:>7.3f}"
+            + ''.join(f"{r['following'][k]:>11.3f}" for k in SCORED + ('all',))
+            for n, r in res.items()]
     return '\n'.join([head] + rows)
 
 def show_ingredients(res: dict, size: float = 0.8):
-    "Small multiples: a row of samples per variant (the same prompts and noise), its all-correct score beside it."
+    "Small multiples: a row of samples per variant (same prompts, noise), all-correct score aside."
     import matplotlib.pyplot as plt
     names = list(res)
     n = len(next(iter(res.values()))['prompts'])
-    fig, axs = plt.subplots(len(names), n, figsize=(n * size + 0.9, len(names) * size + 0.5), squeeze=False, dpi=72)
+    fig, axs = plt.subplots(len(names), n, figsize=(n * size + 0.9, len(names) * size + 0.5),
+                            squeeze=False, dpi=72)
     for i, name in enumerate(names):
         for j, ax in enumerate(axs[i]):
-            ax.imshow(np.asarray(res[name]['images'][j], dtype=np.uint8).transpose(1, 2, 0)); ax.set_xticks([]); ax.set_yticks([])
-        axs[i, 0].set_ylabel(f"{name}\nall {res[name]['following']['all']:.2f}", fontsize=7, rotation=0, ha='right', va='center')
+            ax.imshow(np.asarray(res[name]['images'][j], dtype=np.uint8).transpose(1, 2, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axs[i, 0].set_ylabel(f"{name}\nall {res[name]['following']['all']:.2f}", fontsize=7,
+                             rotation=0, ha='right', va='center')
     for j, p in enumerate(next(iter(res.values()))['prompts']):
         axs[0, j].set_title(p.replace(' on a', '\non a').replace(' in the', '\nin the'), fontsize=5)
     fig.tight_layout()

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .patching import (BottleneckPatchEmbed, patchify, unpatchify, check_divisible, grid_positions,
-                                   rope_cos_sin, apply_rope)
+from .patching import (BottleneckPatchEmbed, patchify, unpatchify, check_divisible,
+                                   grid_positions, rope_cos_sin, apply_rope)
 
 # %% auto #0
 __all__ = ['SIZES', 'ModelConfig', 'model_config', 'timestep_embedding', 'RMSNorm', 'layer_norm', 'modulate', 'GatedMLP',
@@ -32,13 +32,16 @@ class ModelConfig:
     theta: float = 10000.0     # RoPE base
     time_dim: int = 256        # sinusoidal timestep embedding size
     in_ch: int = 3             # RGB
-    init_from: str | None = None  # start from a diffusers PRX transformer (folder); see 10e_diffusers
+    # start from a diffusers PRX transformer (folder); see 10e_diffusers
+    init_from: str | None = None
 
     def __post_init__(self):
         self.axes_dim = tuple(self.axes_dim)
-        if self.hidden % self.heads: raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}.")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}.")
         if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
-            raise ValueError(f"axes_dim={self.axes_dim} must be even numbers summing to head_dim={self.head_dim}.")
+            raise ValueError(f"axes_dim={self.axes_dim} must be even "
+                             f"numbers summing to head_dim={self.head_dim}.")
     @property
     def head_dim(self) -> int: return self.hidden // self.heads
     @property
@@ -47,26 +50,32 @@ class ModelConfig:
     def patch_dim(self) -> int: return self.in_ch * self.patch ** 2
 
 SIZES = {
-    'tiny':  dict(depth=6, hidden=256, heads=4, patch=8, bottleneck=64, text_dim=384, axes_dim=(32, 32)),
-    'small': dict(depth=16, hidden=1792, heads=28, patch=32, bottleneck=256, text_dim=2304, axes_dim=(32, 32)),
+    'tiny':  dict(depth=6, hidden=256, heads=4, patch=8, bottleneck=64, text_dim=384,
+                  axes_dim=(32, 32)),
+    'small': dict(depth=16, hidden=1792, heads=28, patch=32, bottleneck=256, text_dim=2304,
+                  axes_dim=(32, 32)),
 }
 
 def model_config(size: str = 'tiny', **overrides) -> ModelConfig:
     "The named size `size` ('tiny', 'small') with fields replaced by `overrides`."
-    if size not in SIZES: raise ValueError(f"Unknown model size '{size}': choose one of {sorted(SIZES)}.")
+    if size not in SIZES:
+        raise ValueError(f"Unknown model size '{size}': choose one of {sorted(SIZES)}.")
     return ModelConfig(**{**SIZES[size], **overrides})
 
 # %% ../nbs/04_model.ipynb #174b48fe
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0):
-    "Sinusoidal fp32 embedding (B, dim) of times t (B,) in [0, 1]: [cos(1000·t·ω_i), sin(1000·t·ω_i)], ω_i = period^(-i/half)."
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0,
+                       time_factor: float = 1000.0):
+    "fp32 sinusoids (B, dim) of t (B,) in [0, 1]: cos, sin(1000·t·ω_i), ω_i = max_period^(-i/half)."
     half = dim // 2
-    omega = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * omega[None] * time_factor   # (t·ω)·1000: the order diffusers rounds in
+    omega = torch.exp(-math.log(max_period)
+                      * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    # (t·ω)·1000: the order diffusers rounds in
+    args = t.float()[:, None] * omega[None] * time_factor
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 # %% ../nbs/04_model.ipynb #79e48205
 class RMSNorm(nn.Module):
-    "RMSNorm over the last dim with a learnable scale, computed in fp32 and returned in the input dtype."
+    "RMSNorm over the last dim with a learnable scale, in fp32, returned in the input dtype."
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps, self.scale = eps, nn.Parameter(torch.ones(dim))
@@ -86,44 +95,52 @@ class GatedMLP(nn.Module):
     "down(GELU_tanh(gate(x)) * up(x)), no biases."
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate, self.up, self.down = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False)
+        self.gate, self.up, self.down = (nn.Linear(dim, hidden, bias=False),
+                                         nn.Linear(dim, hidden, bias=False),
+                                         nn.Linear(hidden, dim, bias=False))
     def forward(self, x): return self.down(F.gelu(self.gate(x), approximate='tanh') * self.up(x))
 
 class PRXBlock(nn.Module):
-    "One PRX block: image tokens attend over [text K/V ; image K/V], then a gated MLP; adaLN from the timestep only."
+    "One PRX block: image tokens attend over [text K/V ; image K/V], gated MLP; adaLN from t only."
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, self.heads = cfg.hidden, cfg.heads
-        self.mod = nn.Linear(D, 6 * D)                      # adaLN: shift/scale/gate x (attention, MLP); zero-init
+        self.mod = nn.Linear(D, 6 * D)  # adaLN: shift/scale/gate x (attention, MLP); zero-init
         self.img_qkv = nn.Linear(D, 3 * D, bias=False)
         self.q_norm, self.k_norm = RMSNorm(cfg.head_dim), RMSNorm(cfg.head_dim)
         self.txt_kv = nn.Linear(D, 2 * D, bias=False)       # this block's own text K/V projection
         self.txt_k_norm = RMSNorm(cfg.head_dim)
         self.attn_out = nn.Linear(D, D, bias=False)
         self.mlp = GatedMLP(D, cfg.mlp_hidden)
-        nn.init.zeros_(self.mod.weight); nn.init.zeros_(self.mod.bias)
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
 
     def forward(self, x, vec_act, txt, attn_mask, cos, sin):
-        "x (B,N,D) image tokens; vec_act (B,D) = SiLU(vec); txt (B,L,D); attn_mask (B,1,1,L+N) bool; cos/sin (…,N,d/2)."
+        "x (B,N,D) image tokens; vec_act (B,D) = SiLU(vec); txt (B,L,D); mask (B,1,1,L+N); cos/sin."
         B, N, D = x.shape
         L, h = txt.shape[1], self.heads
         sh1, sc1, g1, sh2, sc2, g2 = self.mod(vec_act)[:, None].chunk(6, dim=-1)
-        q, k, v = self.img_qkv(modulate(layer_norm(x), sh1, sc1)).view(B, N, 3, h, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = (self.img_qkv(modulate(layer_norm(x), sh1, sc1))
+                   .view(B, N, 3, h, -1)
+                   .permute(2, 0, 3, 1, 4))
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         tk, tv = self.txt_kv(txt).view(B, L, 2, h, -1).permute(2, 0, 3, 1, 4)
-        k, v = torch.cat([self.txt_k_norm(tk), k], dim=2), torch.cat([tv, v], dim=2)   # [text ; image]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)               # (B, h, N, d)
+        # [text ; image]
+        k, v = torch.cat([self.txt_k_norm(tk), k], dim=2), torch.cat([tv, v], dim=2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
         x = x + g1 * self.attn_out(a.transpose(1, 2).reshape(B, N, D))
         return x + g2 * self.mlp(modulate(layer_norm(x), sh2, sc2))
 
 # %% ../nbs/04_model.ipynb #ea9ab290
 class LastLayer(nn.Module):
-    "LN, adaLN (shift, scale) from vec, linear to patch pixels; zero-initialised so the untrained model outputs 0."
+    "LN, adaLN (shift, scale) from vec, linear to patch pixels; zero-init: the new model outputs 0."
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ada = nn.Linear(cfg.hidden, 2 * cfg.hidden)
         self.out = nn.Linear(cfg.hidden, cfg.patch_dim)
-        for m in (self.ada, self.out): nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
+        for m in (self.ada, self.out):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
     def forward(self, x, vec_act):
         shift, scale = self.ada(vec_act)[:, None].chunk(2, dim=-1)
         return self.out(modulate(layer_norm(x), shift, scale))
@@ -131,17 +148,19 @@ class LastLayer(nn.Module):
 # %% ../nbs/04_model.ipynb #ed950f5b
 @dataclass
 class RoutePlan:
-    "Which image tokens go through blocks start..end (inclusive); the others skip that span unchanged."
+    "Which image tokens go through blocks start..end (inclusive); the others skip the span."
     keep: torch.Tensor  # (B, K) int64, sorted token indices that stay in the span
     start: int          # first routed block
     end: int            # last routed block (inclusive)
 
     def check(self, B: int, N: int, depth: int):
-        "Raise a one-line error if the plan does not fit a batch of B×N tokens and a model of `depth` blocks."
+        "Raise a one-line error if the plan does not fit B×N tokens and a model of `depth` blocks."
         if not 0 <= self.start <= self.end < depth:
-            raise ValueError(f"Routing span {self.start}..{self.end} must satisfy 0 <= start <= end < depth={depth}.")
+            raise ValueError(f"Routing span {self.start}..{self.end} must "
+                             f"satisfy 0 <= start <= end < depth={depth}.")
         if self.keep.ndim != 2 or self.keep.shape[0] != B or not 0 < self.keep.shape[1] <= N:
-            raise ValueError(f"RoutePlan.keep has shape {tuple(self.keep.shape)}; expected ({B}, K) with 0 < K <= {N}.")
+            raise ValueError(f"RoutePlan.keep has shape {tuple(self.keep.shape)}; "
+                             f"expected ({B}, K) with 0 < K <= {N}.")
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     "x (B, N, ...) -> x at token indices idx (B, K) -> (B, K, ...)."
@@ -153,7 +172,7 @@ def scatter_tokens(full: torch.Tensor, idx: torch.Tensor, part: torch.Tensor) ->
 
 # %% ../nbs/04_model.ipynb #d6c5675c
 class PRXDenoiser(nn.Module):
-    "The PRX pixel-space denoiser: predicts the clean image x̂₀ from (x_t, t, text states, text mask)."
+    "The PRX pixel-space denoiser: predicts clean x̂₀ from (x_t, t, text states, text mask)."
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -173,17 +192,20 @@ class PRXDenoiser(nn.Module):
             self._rope[key] = (cos[None, None], sin[None, None])
         return self._rope[key]
 
-    def forward(self, x_t, t, txt, txt_mask, route: RoutePlan | None = None, return_block: int | None = None):
-        "x̂₀ (B,C,H,W); with `return_block`, also that block's output (B,N or K,D) and its token indices (None = all)."
+    def forward(self, x_t, t, txt, txt_mask, route: RoutePlan | None = None,
+                return_block: int | None = None):
+        "x̂₀ (B,C,H,W); with `return_block`, also its output (B,N|K,D) and token ids (None: all)."
         B, C, H, W = x_t.shape
         p = self.cfg.patch
         check_divisible(H, W, p)
         if txt.shape[-1] != self.cfg.text_dim:
-            raise ValueError(f"Text states have width {txt.shape[-1]} but the model expects text_dim={self.cfg.text_dim}: "
-                             f"build the model with the text encoder's hidden size.")
-        dt = self.txt_in.weight.dtype                                       # inputs follow the weights (fp32 or bf16)
-        x = self.img_in(patchify(x_t, p).to(dt))                            # (B, N, D)
-        temb = timestep_embedding(t.expand(B) if t.ndim == 0 else t, self.cfg.time_dim)  # fp32 sinusoid
+            raise ValueError(f"Text states have width {txt.shape[-1]} but the "
+                             f"model expects text_dim={self.cfg.text_dim}: build "
+                             "the model with the text encoder's hidden size.")
+        dt = self.txt_in.weight.dtype             # inputs follow the weights (fp32 or bf16)
+        x = self.img_in(patchify(x_t, p).to(dt))  # (B, N, D)
+        # fp32 sinusoid
+        temb = timestep_embedding(t.expand(B) if t.ndim == 0 else t, self.cfg.time_dim)
         vec_act = F.silu(self.time_in(temb.to(dt)))
         txt = self.txt_in(txt.to(dt))                                       # (B, L, D)
         txt_mask = txt_mask.bool()
@@ -194,16 +216,17 @@ class PRXDenoiser(nn.Module):
         if route is not None: route.check(B, N, len(self.blocks))
         feats = feat_idx = None
         for i, block in enumerate(self.blocks):
-            if route is not None and i == route.start:                      # TREAD: keep a subset of tokens
+            if route is not None and i == route.start:  # TREAD: keep a subset of tokens
                 saved = (x, cos, sin, attn_mask)
                 x = gather_tokens(x, route.keep)
-                cos, sin = gather_tokens(cos[0, 0].expand(B, -1, -1), route.keep)[:, None], gather_tokens(sin[0, 0].expand(B, -1, -1), route.keep)[:, None]
+                cos, sin = (gather_tokens(cos[0, 0].expand(B, -1, -1), route.keep)[:, None],
+                            gather_tokens(sin[0, 0].expand(B, -1, -1), route.keep)[:, None])
                 attn_mask = key_mask(route.keep.shape[1])
             x = block(x, vec_act, txt, attn_mask, cos, sin)
-            if i == return_block:                                           # REPA: this block's features
+            if i == return_block:  # REPA: this block's features
                 routed_now = route is not None and route.start <= i <= route.end
                 feats, feat_idx = x, (route.keep if routed_now else None)
-            if route is not None and i == route.end:                        # TREAD: routed tokens rejoin unchanged
+            if route is not None and i == route.end:  # TREAD: routed tokens rejoin unchanged
                 full, cos, sin, attn_mask = saved
                 x = scatter_tokens(full, route.keep, x)
         x0_hat = unpatchify(self.final(x, vec_act), p, H, W)
@@ -211,11 +234,12 @@ class PRXDenoiser(nn.Module):
 
 # %% ../nbs/04_model.ipynb #37ff5c21
 def count_params(cfg: ModelConfig, by_part: bool = False):
-    "Number of parameters of a PRXDenoiser of shape `cfg` (built on the meta device); optionally a per-part dict."
+    "Parameters of a PRXDenoiser of shape `cfg` (built on the meta device); optionally per part."
     with torch.device('meta'): m = PRXDenoiser(cfg)
     total = sum(p.numel() for p in m.parameters())
     if not by_part: return total
-    parts = {n: sum(p.numel() for p in c.parameters()) for n, c in m.named_children() if n != 'blocks'}
+    parts = {n: sum(p.numel() for p in c.parameters())
+             for n, c in m.named_children() if n != 'blocks'}
     parts['blocks'] = sum(p.numel() for p in m.blocks.parameters())
     parts['per_block'] = parts['blocks'] // cfg.depth
     return total, parts
@@ -223,10 +247,12 @@ def count_params(cfg: ModelConfig, by_part: bool = False):
 # %% ../nbs/04_model.ipynb #49d4eb52
 def denoiser_flops(cfg: ModelConfig, H: int, W: int, text_len: int, keep: int | None = None,
                    span: tuple | None = None) -> dict:
-    "Forward FLOPs per image by part, and 'train' = 3x forward; `keep` tokens run blocks span[0]..span[1] under TREAD."
-    N, L, D, M, P = (H // cfg.patch) * (W // cfg.patch), text_len, cfg.hidden, cfg.mlp_hidden, cfg.patch_dim
+    "Forward FLOPs per image by part, 'train' = 3x forward; `keep` tokens run the TREAD span."
+    N, L, D, M, P = ((H // cfg.patch) * (W // cfg.patch), text_len, cfg.hidden, cfg.mlp_hidden,
+                     cfg.patch_dim)
     def block(n):  # one block on n image tokens
-        return dict(linear=2*n*D*3*D + 2*n*D*D + 2*n*D*3*M, text_kv=2*L*D*2*D, attention=4*n*(L + n)*D, modulation=2*D*6*D)
+        return dict(linear=2*n*D*3*D + 2*n*D*D + 2*n*D*3*M, text_kv=2*L*D*2*D,
+                    attention=4*n*(L + n)*D, modulation=2*D*6*D)
     f = dict(embed=2*N*(P*cfg.bottleneck + cfg.bottleneck*D) if cfg.bottleneck else 2*N*P*D,
              text_in=2*L*cfg.text_dim*D, time=2*(cfg.time_dim*D + D*D), head=2*N*D*P + 2*D*2*D,
              linear=0, text_kv=0, attention=0, modulation=0)

@@ -19,15 +19,20 @@ __all__ = ['NS_COEFFS', 'newton_schulz', 'ns_flops', 'muon_momentum', 'muon_scal
            'split_params', 'assign_owners', 'shard_rows', 'MuonAdam', 'OptimConfig', 'build_optimizer']
 
 # %% ../nbs/09_muon.ipynb #a3f010c0
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: slope 3.4445 at 0, lands singular values in ~[0.68, 1.2]
+# Keller Jordan's quintic: slope 3.4445 at 0, lands singular values in ~[0.68, 1.2]
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 def _resolve_dtype(dtype, device) -> torch.dtype:
-    if dtype is None: return torch.bfloat16 if torch.device(device).type == 'cuda' else torch.float32
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == 'cuda' else torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
-def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs=NS_COEFFS, eps: float = 1e-7, dtype=None) -> torch.Tensor:
-    "Approximately orthogonalise `G` (..., m, n): U S V^T -> U S' V^T with S' near 1, by a quintic Newton–Schulz iteration."
-    if G.ndim < 2: raise ValueError(f"newton_schulz needs a matrix (or a batch of matrices); got shape {tuple(G.shape)}.")
+def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs=NS_COEFFS, eps: float = 1e-7,
+                  dtype=None) -> torch.Tensor:
+    "Nearly orthogonalise `G` (..., m, n): U S V^T -> U S' V^T, S' ≈ 1, by quintic Newton–Schulz."
+    if G.ndim < 2:
+        raise ValueError("newton_schulz needs a matrix (or a batch "
+                         f"of matrices); got shape {tuple(G.shape)}.")
     a, b, c = coeffs
     shape, tall = G.shape, G.size(-2) > G.size(-1)
     X = G.to(_resolve_dtype(dtype, G.device))   # dtype: None -> bf16 on CUDA, fp32 elsewhere
@@ -38,24 +43,26 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs=NS_COEFFS, eps: float 
     for _ in range(steps):
         A = X @ X.mT                              # A = X X^T
         B = mm(A, A, A, beta=b, alpha=c)          # B = b A + c A^2
-        X = mm(X, B, X, beta=a)                   # X <- a X + B X, i.e. sigma -> a sigma + b sigma^3 + c sigma^5
+        X = mm(X, B, X, beta=a)  # X <- a X + B X, i.e. sigma -> a sigma + b sigma^3 + c sigma^5
     if tall: X = X.mT
     return X.reshape(shape)
 
 def ns_flops(shape, steps: int = 5) -> int:
     "FLOPs of `newton_schulz` on one matrix of `shape` (rows, cols)."
     m, n = sorted(shape[-2:])
-    return 2 * steps * (2*m*m*n + m**3)          # X X^T and B X: m^2 n each; A^2: m^3 (x2 FLOPs per multiply-add)
+    # X X^T and B X: m^2 n each; A^2: m^3 (x2 FLOPs per multiply-add)
+    return 2 * steps * (2*m*m*n + m**3)
 
 # %% ../nbs/09_muon.ipynb #4cd2a966
-def muon_momentum(buf: torch.Tensor, grad: torch.Tensor, beta: float = 0.95, nesterov: bool = True) -> torch.Tensor:
-    "Update the EMA momentum `buf` in place (m <- beta m + (1-beta) g); return the matrix to orthogonalise."
+def muon_momentum(buf: torch.Tensor, grad: torch.Tensor, beta: float = 0.95,
+                  nesterov: bool = True) -> torch.Tensor:
+    "Update EMA momentum `buf` in place (m <- beta m + (1-beta) g); return what to orthogonalise."
     buf.lerp_(grad, 1 - beta)                            # m <- m + (1-beta)(g - m)
     return grad.lerp(buf, beta) if nesterov else buf     # Nesterov: (1-beta) g + beta m
 
 # %% ../nbs/09_muon.ipynb #f38acbef
 def muon_scale(shape, rms_scale: bool = True) -> float:
-    "Factor on the orthogonalised update of a (rows, cols) matrix: 0.2 sqrt(max(rows, cols)) (RMS-matching) or sqrt(max(1, rows/cols))."
+    "Update scale for a (rows, cols) matrix: 0.2 sqrt(max(rows, cols)) or sqrt(max(1, rows/cols))."
     m, n = shape[-2], shape[-1]
     return 0.2 * math.sqrt(max(m, n)) if rms_scale else math.sqrt(max(1, m / n))
 
@@ -78,63 +85,74 @@ def split_params(model: nn.Module, key: str = 'blocks.') -> tuple[list, list]:
 
 # %% ../nbs/09_muon.ipynb #69de0e55
 def assign_owners(shapes, world_size: int, how: str = 'round_robin') -> list[int]:
-    "The rank that orthogonalises each matrix: `i % world_size`, or largest-first onto the least-loaded rank ('balanced')."
+    "The rank that orthogonalises each matrix: `i % world_size`, or 'balanced' (largest first)."
     if how == 'round_robin': return [i % world_size for i in range(len(shapes))]
-    if how != 'balanced': raise ValueError(f"assignment must be 'round_robin' or 'balanced', not {how!r}.")
+    if how != 'balanced':
+        raise ValueError(f"assignment must be 'round_robin' or 'balanced', not {how!r}.")
     owners, load = [0] * len(shapes), [0] * world_size
     for i in sorted(range(len(shapes)), key=lambda i: (-ns_flops(shapes[i]), i)):
         r = min(range(world_size), key=lambda r: (load[r], r))
-        owners[i] = r; load[r] += ns_flops(shapes[i])
+        owners[i] = r
+        load[r] += ns_flops(shapes[i])
     return owners
 
 # %% ../nbs/09_muon.ipynb #a3a2347d
 def shard_rows(rows: int, world_size: int) -> list[int]:
-    "Rows held by each rank when FSDP2 shards `rows` on dim 0 (torch.chunk: ceil-sized chunks, empty ones at the end)."
+    "Rows each rank holds when FSDP2 shards `rows` on dim 0 (torch.chunk: ceil-sized, empty last)."
     c = -(-rows // world_size)
     return [max(0, min(c, rows - r * c)) for r in range(world_size)]
 
 # %% ../nbs/09_muon.ipynb #9d5ce2b3
 def _ddp_orthogonalise(us, owners, ns, dtype, apply, group=None):
-    "Replicated matrices: each rank orthogonalises the ones it owns, and the owner broadcasts each result to all ranks."
+    "Replicated matrices: each rank orthogonalises those it owns and broadcasts them to all ranks."
     W, me = dist.get_world_size(group), dist.get_rank(group)
-    for s in range(0, len(us), W):                                     # rounds of W matrices: one per rank
+    for s in range(0, len(us), W):  # rounds of W matrices: one per rank
         out, work = {}, []
         for i in range(s, min(s + W, len(us))):
-            out[i] = ns(us[i]).contiguous() if owners[i] == me else us[i].new_empty(us[i].shape, dtype=dtype)
-        for i in out: work.append(dist.broadcast(out[i], group_src=owners[i], group=group, async_op=True))
+            out[i] = (ns(us[i]).contiguous() if owners[i] == me
+                      else us[i].new_empty(us[i].shape, dtype=dtype))
+        for i in out:
+            work.append(dist.broadcast(out[i], group_src=owners[i], group=group, async_op=True))
         for w in work: w.wait()
         for i in out: apply(i, out[i])
 
 # %% ../nbs/09_muon.ipynb #989a809a
 def _mesh_group(p):
-    "The process group over which DTensor `p` is sharded on dim 0 (any other mesh dimension must replicate)."
+    "The process group DTensor `p` is sharded over on dim 0 (other mesh dims must replicate)."
     shard = [k for k, pl in enumerate(p.placements) if pl == Shard(0)]
-    if len(shard) != 1 or not all(isinstance(pl, Replicate) for k, pl in enumerate(p.placements) if k != shard[0]):
-        raise NotImplementedError(f"MuonAdam handles DTensor params sharded on dim 0 (FSDP2/HSDP); got placements {p.placements}.")
+    if len(shard) != 1 or not all(isinstance(pl, Replicate)
+                                  for k, pl in enumerate(p.placements) if k != shard[0]):
+        raise NotImplementedError("MuonAdam handles DTensor params sharded on dim "
+                                  f"0 (FSDP2/HSDP); got placements {p.placements}.")
     return p.device_mesh.get_group(shard[0])
 
 def _fsdp_orthogonalise(params, us, owners, ns, dtype, apply):
-    "Dim-0 sharded matrices: gather the shards on the owner, orthogonalise there, scatter the row chunks back."
+    "Dim-0 sharded matrices: gather shards on the owner, orthogonalise, scatter row chunks back."
     groups = [_mesh_group(p) for p in params]
     W = groups[0].size() if groups else 1
-    if any(g.size() != W for g in groups): raise NotImplementedError("MuonAdam needs all Muon DTensors on one mesh.")
+    if any(g.size() != W for g in groups):
+        raise NotImplementedError("MuonAdam needs all Muon DTensors on one mesh.")
     for s in range(0, len(us), W):
         idx, recv, work = range(s, min(s + W, len(us))), {}, []
         bufs = {}
-        for i in idx:                                                  # 1. every shard (padded to ceil rows) -> owner
+        for i in idx:  # 1. every shard (padded to ceil rows) -> owner
             pg, me, rows = groups[i], groups[i].rank(), shard_rows(params[i].shape[0], W)
-            if us[i].shape[0] != rows[me]: raise RuntimeError(f"Shard of {tuple(params[i].shape)} has {us[i].shape[0]} rows on rank {me}; expected {rows[me]} (torch.chunk layout).")
-            send = us[i].new_zeros((rows[0], us[i].shape[1]), dtype=dtype); send[:rows[me]] = us[i]
+            if us[i].shape[0] != rows[me]:
+                raise RuntimeError(f"Shard of {tuple(params[i].shape)} has {us[i].shape[0]} rows "
+                                   f"on rank {me}; expected {rows[me]} (torch.chunk layout).")
+            send = us[i].new_zeros((rows[0], us[i].shape[1]), dtype=dtype)
+            send[:rows[me]] = us[i]
             bufs[i] = [torch.empty_like(send) for _ in range(W)] if owners[i] == me else None
             work.append(dist.gather(send, bufs[i], group_dst=owners[i], group=pg, async_op=True))
         for w in work: w.wait()
         work = []
-        for i in idx:                                                  # 2. owner: full matrix -> NS -> row chunks back
+        for i in idx:  # 2. owner: full matrix -> NS -> row chunks back
             pg, me, rows = groups[i], groups[i].rank(), shard_rows(params[i].shape[0], W)
             chunks = None
             if owners[i] == me:
                 O = ns(torch.cat([b[:r] for b, r in zip(bufs[i], rows)]))
-                padded = O.new_zeros((W * rows[0], O.shape[1])); padded[:O.shape[0]] = O
+                padded = O.new_zeros((W * rows[0], O.shape[1]))
+                padded[:O.shape[0]] = O
                 chunks = list(padded.chunk(W))
             recv[i] = us[i].new_empty((rows[0], us[i].shape[1]), dtype=dtype)
             work.append(dist.scatter(recv[i], chunks, group_src=owners[i], group=pg, async_op=True))
@@ -145,34 +163,42 @@ def _fsdp_orthogonalise(params, us, owners, ns, dtype, apply):
 def _local(t): return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 class MuonAdam(torch.optim.Optimizer):
-    "Muon (Nesterov momentum, Newton–Schulz, RMS-matched scale) for 2-D block matrices and Adam for the rest, in one optimizer."
+    "Muon (Nesterov, Newton–Schulz, RMS-matched) for 2-D block matrices, Adam for the rest."
     def __init__(self, muon_params, adam_params, lr: float = 1e-4,
-                 momentum: float = 0.95, nesterov: bool = True,      # Muon: EMA momentum, Nesterov look-ahead
+                 # Muon: EMA momentum, Nesterov look-ahead
+                 momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, ns_coeffs=NS_COEFFS, ns_eps: float = 1e-7,
-                 ns_dtype=None,                                      # None: bf16 on CUDA, fp32 on CPU
-                 rms_scale: bool = True,                             # 0.2 sqrt(max(m, n)) (True) or sqrt(max(1, m/n))
+                 ns_dtype=None,  # None: bf16 on CUDA, fp32 on CPU
+                 rms_scale: bool = True,  # 0.2 sqrt(max(m, n)) (True) or sqrt(max(1, m/n))
                  betas=(0.9, 0.95), eps: float = 1e-8,               # Adam group
                  weight_decay: float = 0.0,                          # decoupled, both groups
                  adam_lr: float | None = None,                       # Adam group lr (default: lr)
-                 distributed: bool = True,                           # split Muon work across ranks (DDP / FSDP2)
-                 assignment: str = 'round_robin'):                   # which rank orthogonalises which matrix
+                 distributed: bool = True,  # split Muon work across ranks (DDP / FSDP2)
+                 assignment: str = 'round_robin'):  # which rank orthogonalises which matrix
         muon_params, adam_params = list(muon_params), list(adam_params)
         for i, p in enumerate(muon_params):
-            if p.ndim != 2: raise ValueError(f"Muon param #{i} has shape {tuple(p.shape)}: Muon needs 2-D matrices; "
-                                             f"put it in the Adam group (split_params does this).")
-        if lr < 0 or not 0 <= momentum < 1: raise ValueError(f"Need lr >= 0 and 0 <= momentum < 1; got {lr}, {momentum}.")
+            if p.ndim != 2:
+                raise ValueError(f"Muon param #{i} has shape {tuple(p.shape)}: Muon needs 2-D "
+                                 "matrices; put it in the Adam group (split_params does this).")
+        if lr < 0 or not 0 <= momentum < 1:
+            raise ValueError(f"Need lr >= 0 and 0 <= momentum < 1; got {lr}, {momentum}.")
         assign_owners([], 1, assignment)                            # validates the name
         groups = []
-        if muon_params: groups.append(dict(params=muon_params, use_muon=True, lr=lr, momentum=momentum, nesterov=nesterov,
-                                           ns_steps=ns_steps, ns_coeffs=tuple(ns_coeffs), ns_eps=ns_eps, rms_scale=rms_scale,
-                                           ns_dtype=str(ns_dtype).removeprefix('torch.') if ns_dtype else None,
-                                           weight_decay=weight_decay))
-        if adam_params: groups.append(dict(params=adam_params, use_muon=False, lr=lr if adam_lr is None else adam_lr,
-                                           betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        if not groups: raise ValueError("MuonAdam got no parameters: pass the model's split_params(model).")
+        if muon_params:
+            groups.append(dict(params=muon_params, use_muon=True, lr=lr, momentum=momentum,
+                               nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=tuple(ns_coeffs),
+                               ns_eps=ns_eps, rms_scale=rms_scale,
+                               ns_dtype=str(ns_dtype).removeprefix('torch.') if ns_dtype else None,
+                               weight_decay=weight_decay))
+        if adam_params:
+            groups.append(dict(params=adam_params, use_muon=False,
+                               lr=lr if adam_lr is None else adam_lr, betas=tuple(betas), eps=eps,
+                               weight_decay=weight_decay))
+        if not groups:
+            raise ValueError("MuonAdam got no parameters: pass the model's split_params(model).")
         super().__init__(groups, dict(lr=lr))
         self.distributed, self.assignment = distributed, assignment
-        self.last_work = []                                          # shapes this rank orthogonalised in the last step
+        self.last_work = []  # shapes this rank orthogonalised in the last step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -189,39 +215,58 @@ class MuonAdam(torch.optim.Optimizer):
         for p in g['params']:
             if p.grad is None: continue
             st = self.state[p]
-            if not st: st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            st['step'] += 1; t = st['step'].item()
-            x, grad, m, v = _local(p), _local(p.grad), _local(st['exp_avg']), _local(st['exp_avg_sq'])
+            if not st:
+                st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                          exp_avg_sq=torch.zeros_like(p))
+            st['step'] += 1
+            t = st['step'].item()
+            x, grad, m, v = (_local(p), _local(p.grad), _local(st['exp_avg']),
+                             _local(st['exp_avg_sq']))
             x.mul_(1 - g['lr'] * g['weight_decay'])
-            m.lerp_(grad, 1 - b1)                                                  # m <- b1 m + (1-b1) g
-            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)                          # v <- b2 v + (1-b2) g^2
+            m.lerp_(grad, 1 - b1)                          # m <- b1 m + (1-b1) g
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)  # v <- b2 v + (1-b2) g^2
             denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(g['eps'])
-            x.addcdiv_(m, denom, value=-g['lr'] / (1 - b1**t))                    # x <- x - lr m_hat / (sqrt(v_hat) + eps)
+            # x <- x - lr m_hat / (sqrt(v_hat) + eps)
+            x.addcdiv_(m, denom, value=-g['lr'] / (1 - b1**t))
 
     def _muon_step(self, g):
         ps = [p for p in g['params'] if p.grad is not None]
         us = []
         for p in ps:
-            if p.grad.ndim != 2: raise ValueError(f"Muon got a {p.grad.ndim}-D gradient for a param of shape {tuple(p.shape)}.")
+            if p.grad.ndim != 2:
+                raise ValueError(f"Muon got a {p.grad.ndim}-D gradient "
+                                 f"for a param of shape {tuple(p.shape)}.")
             st = self.state[p]
-            if 'momentum_buffer' not in st: st['momentum_buffer'] = torch.zeros_like(p.grad)   # sharded like p
-            us.append(muon_momentum(_local(st['momentum_buffer']), _local(p.grad), g['momentum'], g['nesterov']))
+            # sharded like p
+            if 'momentum_buffer' not in st: st['momentum_buffer'] = torch.zeros_like(p.grad)
+            us.append(muon_momentum(_local(st['momentum_buffer']), _local(p.grad), g['momentum'],
+                                    g['nesterov']))
         dtype = _resolve_dtype(g['ns_dtype'], us[0].device) if us else torch.float32
-        ns = partial(newton_schulz, steps=g['ns_steps'], coeffs=g['ns_coeffs'], eps=g['ns_eps'], dtype=dtype)
-        def ns_logged(u): self.last_work.append(tuple(u.shape)); return ns(u)
-        def apply(i, O):                                                           # W <- W (1 - lr wd) - lr scale O
-            x = _local(ps[i]); x.mul_(1 - g['lr'] * g['weight_decay'])
+        ns = partial(newton_schulz, steps=g['ns_steps'], coeffs=g['ns_coeffs'], eps=g['ns_eps'],
+                     dtype=dtype)
+        def ns_logged(u):
+            self.last_work.append(tuple(u.shape))
+            return ns(u)
+        def apply(i, O):  # W <- W (1 - lr wd) - lr scale O
+            x = _local(ps[i])
+            x.mul_(1 - g['lr'] * g['weight_decay'])
             x.add_(O.to(x.dtype), alpha=-g['lr'] * muon_scale(ps[i].shape, g['rms_scale']))
         sharded = [i for i, p in enumerate(ps) if DTensor is not None and isinstance(p, DTensor)]
         plain = sorted(set(range(len(ps))) - set(sharded))
         if sharded and self.distributed:
-            own = assign_owners([ps[i].shape for i in sharded], _mesh_group(ps[sharded[0]]).size(), self.assignment)
-            _fsdp_orthogonalise([ps[i] for i in sharded], [us[i] for i in sharded], own, ns_logged, dtype,
-                                lambda k, O: apply(sharded[k], O))
-        elif sharded: raise ValueError("DTensor (FSDP2) params need distributed=True: each matrix must be gathered whole.")
-        if plain and self.distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            own = assign_owners([ps[i].shape for i in plain], dist.get_world_size(), self.assignment)
-            _ddp_orthogonalise([us[i] for i in plain], own, ns_logged, dtype, lambda k, O: apply(plain[k], O))
+            own = assign_owners([ps[i].shape for i in sharded], _mesh_group(ps[sharded[0]]).size(),
+                                self.assignment)
+            _fsdp_orthogonalise([ps[i] for i in sharded], [us[i] for i in sharded], own, ns_logged,
+                                dtype, lambda k, O: apply(sharded[k], O))
+        elif sharded:
+            raise ValueError("DTensor (FSDP2) params need distributed=True: "
+                             "each matrix must be gathered whole.")
+        if (plain and self.distributed and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            own = assign_owners([ps[i].shape for i in plain], dist.get_world_size(),
+                                self.assignment)
+            _ddp_orthogonalise([us[i] for i in plain], own, ns_logged, dtype,
+                               lambda k, O: apply(plain[k], O))
         else:
             for i in plain: apply(i, ns_logged(us[i]))
 
@@ -229,36 +274,45 @@ class MuonAdam(torch.optim.Optimizer):
 @dataclass
 class OptimConfig:
     "Optimizer settings; the defaults are the PRX speedrun's Muon + Adam."
-    kind: str = 'muon'                      # 'muon' (Muon for block matrices + Adam) or 'adamw' (PRX AdamW baseline)
-    lr: float = 1e-4                        # every group (Muon's RMS matching lets it share Adam's lr)
+    kind: str = 'muon'  # 'muon' (Muon for block matrices + Adam) or 'adamw' (PRX AdamW baseline)
+    lr: float = 1e-4  # every group (Muon's RMS matching lets it share Adam's lr)
     muon_lr: float | None = None            # override for the Muon group
     adam_lr: float | None = None            # override for the Adam group
     betas: tuple = (0.9, 0.95)              # Adam / AdamW
-    eps: float | None = None                # None: 1e-8 for the Adam group of 'muon', 1e-15 for 'adamw' (PRX values)
+    # None: 1e-8 for the Adam group of 'muon', 1e-15 for 'adamw' (PRX values)
+    eps: float | None = None
     weight_decay: float = 0.0               # decoupled, every group
     momentum: float = 0.95                  # Muon EMA momentum
     nesterov: bool = True
     ns_steps: int = 5
     ns_coeffs: tuple = NS_COEFFS
-    ns_dtype: str | None = None             # 'bfloat16' | 'float32' | None (bf16 on GPU, fp32 on CPU)
-    rms_scale: bool = True                  # 0.2 sqrt(max(m, n)) (Moonlight, PRX) or sqrt(max(1, m/n)) (Keller)
-    muon_key: str = 'blocks.'               # a trainable 2-D param whose name contains this goes to Muon
-    assignment: str = 'round_robin'         # 'round_robin' | 'balanced': which rank orthogonalises which matrix
+    ns_dtype: str | None = None  # 'bfloat16' | 'float32' | None (bf16 on GPU, fp32 on CPU)
+    rms_scale: bool = True  # 0.2 sqrt(max(m, n)) (Moonlight, PRX) or sqrt(max(1, m/n)) (Keller)
+    muon_key: str = 'blocks.'  # a trainable 2-D param whose name contains this goes to Muon
+    # 'round_robin' | 'balanced': which rank orthogonalises which matrix
+    assignment: str = 'round_robin'
 
 # %% ../nbs/09_muon.ipynb #5ee91740
-def build_optimizer(model: nn.Module, cfg: OptimConfig | None = None, extra_params=()) -> torch.optim.Optimizer:
-    "The optimizer `cfg` describes for `model` (+ `extra_params`, which go to Adam): MuonAdam or the AdamW baseline."
+def build_optimizer(model: nn.Module, cfg: OptimConfig | None = None,
+                    extra_params=()) -> torch.optim.Optimizer:
+    "The optimizer `cfg` describes for `model` (`extra_params` go to Adam): MuonAdam or AdamW."
     cfg = cfg or OptimConfig()
     if cfg.kind == 'adamw':
         params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-15 if cfg.eps is None else cfg.eps,
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
+                                 eps=1e-15 if cfg.eps is None else cfg.eps,
                                  weight_decay=cfg.weight_decay)
-    if cfg.kind != 'muon': raise ValueError(f"OptimConfig.kind must be 'muon' or 'adamw', not {cfg.kind!r}.")
+    if cfg.kind != 'muon':
+        raise ValueError(f"OptimConfig.kind must be 'muon' or 'adamw', not {cfg.kind!r}.")
     muon, adam = split_params(model, cfg.muon_key)
-    if not muon: raise ValueError(f"No trainable 2-D parameter of {type(model).__name__} has {cfg.muon_key!r} in its name: "
-                                  f"set OptimConfig.muon_key, or use kind='adamw'.")
-    return MuonAdam(muon, adam + list(extra_params), lr=cfg.lr if cfg.muon_lr is None else cfg.muon_lr,
-                    adam_lr=cfg.lr if cfg.adam_lr is None else cfg.adam_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                    ns_steps=cfg.ns_steps, ns_coeffs=cfg.ns_coeffs, ns_dtype=cfg.ns_dtype, rms_scale=cfg.rms_scale,
-                    betas=cfg.betas, eps=1e-8 if cfg.eps is None else cfg.eps, weight_decay=cfg.weight_decay,
+    if not muon:
+        raise ValueError("No trainable 2-D parameter of "
+                         f"{type(model).__name__} has {cfg.muon_key!r} in its "
+                         "name: set OptimConfig.muon_key, or use kind='adamw'.")
+    return MuonAdam(muon, adam + list(extra_params),
+                    lr=cfg.lr if cfg.muon_lr is None else cfg.muon_lr,
+                    adam_lr=cfg.lr if cfg.adam_lr is None else cfg.adam_lr, momentum=cfg.momentum,
+                    nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, ns_coeffs=cfg.ns_coeffs,
+                    ns_dtype=cfg.ns_dtype, rms_scale=cfg.rms_scale, betas=cfg.betas,
+                    eps=1e-8 if cfg.eps is None else cfg.eps, weight_decay=cfg.weight_decay,
                     assignment=cfg.assignment)

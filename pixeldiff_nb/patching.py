@@ -15,11 +15,12 @@ __all__ = ['check_divisible', 'patchify', 'unpatchify', 'token_count', 'Bottlene
 def check_divisible(H: int, W: int, p: int):
     "Raise a one-line error unless the image sides are multiples of the patch size."
     if H % p or W % p:
-        raise ValueError(f"Image size {H}x{W} is not divisible by the patch size {p}: resize it to an aspect-ratio "
-                         f"bucket (pixeldiff_nb.buckets.bucket_sizes) or choose a patch size that divides both sides.")
+        raise ValueError(f"Image size {H}x{W} is not divisible by the patch size {p}: resize "
+                         "it to an aspect-ratio bucket (pixeldiff_nb.buckets.bucket_sizes) "
+                         "or choose a patch size that divides both sides.")
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    "Cut images (B, C, H, W) into patch vectors (B, N, C·p²), channel-major inside a patch, patches in row-major order."
+    "Cut images (B, C, H, W) into patches (B, N, C·p²): channel-major in a patch, row-major order."
     B, C, H, W = x.shape
     check_divisible(H, W, p)
     h, w = H // p, W // p
@@ -41,12 +42,13 @@ def token_count(H: int, W: int, p: int) -> int:
 
 # %% ../nbs/03_patching.ipynb #3d4903eb
 class BottleneckPatchEmbed(nn.Module):
-    "Patch vectors (B, N, C·p²) -> tokens (B, N, hidden) through a linear C·p² -> bottleneck -> hidden map."
+    "Patch vectors (B, N, C·p²) -> tokens (B, N, hidden) via linear C·p² -> bottleneck -> hidden."
     def __init__(self, patch: int, hidden: int, bottleneck: int | None = 256, in_ch: int = 3):
         super().__init__()
         d = in_ch * patch * patch
         if bottleneck:
-            self.proj = nn.Sequential(nn.Linear(d, bottleneck), nn.Linear(bottleneck, hidden))  # no nonlinearity
+            # no nonlinearity
+            self.proj = nn.Sequential(nn.Linear(d, bottleneck), nn.Linear(bottleneck, hidden))
         else:
             self.proj = nn.Linear(d, hidden)
     def forward(self, patches: torch.Tensor) -> torch.Tensor: return self.proj(patches)
@@ -54,14 +56,16 @@ class BottleneckPatchEmbed(nn.Module):
 # %% ../nbs/03_patching.ipynb #ebf21260
 def grid_positions(h: int, w: int, device=None) -> torch.Tensor:
     "Integer (row, col) positions of an h×w patch grid in row-major order: (h·w, 2)."
-    r, c = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing='ij')
+    r, c = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                          indexing='ij')
     return torch.stack([r.flatten(), c.flatten()], dim=-1)
 
 def rope_angles(pos: torch.Tensor, axes_dim=(32, 32), theta: float = 10000.0) -> torch.Tensor:
-    "Rotation angles (..., N, sum(axes_dim)/2) for integer positions (..., N, n_axes): axis j uses ω_i = θ^(-2i/d_j)."
+    "Angles (..., N, sum(axes_dim)/2) for positions (..., N, n_axes); axis j: ω_i = θ^(-2i/d_j)."
     angles = []
     for j, d in enumerate(axes_dim):
-        omega = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d)  # (d/2,)
+        # (d/2,)
+        omega = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d)
         angles.append(pos[..., j, None].double() * omega)
     return torch.cat(angles, dim=-1).float()
 
@@ -71,7 +75,7 @@ def rope_cos_sin(pos: torch.Tensor, axes_dim=(32, 32), theta: float = 10000.0):
     return a.cos(), a.sin()
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    "Rotate adjacent pairs (x₀, x₁) of the last dim of x (B, heads, N, d) by the angles behind cos/sin (…, N, d/2)."
+    "Rotate pairs (x₀, x₁) of the last dim of x (B, heads, N, d) by the angles of cos/sin (…,N,d/2)"
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # 2x2 rotation per pair

@@ -93,7 +93,9 @@ def shard_schema():
 def _atomic_write(path: Path, write):
     "Call write(tmp_path), then rename tmp to `path` (a reader never sees half a file)."
     tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
-    try: write(tmp); os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()
 

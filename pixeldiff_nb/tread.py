@@ -21,36 +21,44 @@ __all__ = ['scale_span', 'TreadConfig', 'route_seed', 'routed_count', 'make_rout
 
 # %% ../nbs/07_tread.ipynb #5fb73d27
 def scale_span(start: int, end: int, depth: int, ref_depth: int = 16) -> tuple:
-    "Map the block span start..end (inclusive) of a `ref_depth`-block model to a `depth`-block model, in proportion."
+    "Map span start..end (inclusive) of a `ref_depth`-block model to `depth` blocks, in proportion."
     if not 0 <= start <= end < ref_depth:
-        raise ValueError(f"Span {start}..{end} must satisfy 0 <= start <= end < ref_depth={ref_depth}.")
+        raise ValueError(f"Span {start}..{end} must satisfy 0 <= "
+                         f"start <= end < ref_depth={ref_depth}.")
     s, e = round(start * depth / ref_depth), round((end + 1) * depth / ref_depth) - 1
-    if start > 0: s = max(s, 1)                        # keep a dense block before the span if the original had one
-    if end < ref_depth - 1: e = min(e, depth - 2)      # ... and after it
-    if s > e: raise ValueError(f"A {depth}-block model is too shallow for span {start}..{end} of {ref_depth}: use at least 3 blocks.")
+    if start > 0: s = max(s, 1)  # keep a dense block before the span if the original had one
+    if end < ref_depth - 1: e = min(e, depth - 2)  # ... and after it
+    if s > e:
+        raise ValueError(f"A {depth}-block model is too shallow for span "
+                         f"{start}..{end} of {ref_depth}: use at least 3 blocks.")
     return s, e
 
 # %% ../nbs/07_tread.ipynb #60196cc5
 @dataclass
 class TreadConfig:
     "TREAD: a random `rate` of the image tokens skips blocks start..end (inclusive) while training."
-    rate: float = 0.5          # fraction of image tokens routed around the span (recipe: 0.5); 0 = dense
-    start: int = 2             # first routed block, 0-based (public config: route_start 2)
-    end: int = 12              # last routed block, inclusive (public config: route_end 12 of 16)
-    seed: int = 42             # base seed of the routing generator, mixed with step and rank
-    train_only: bool = True    # True: evaluation and sampling run dense (self-guidance asks for routing itself)
+    rate: float = 0.5     # fraction of image tokens routed around the span (recipe: 0.5); 0 = dense
+    start: int = 2        # first routed block, 0-based (public config: route_start 2)
+    end: int = 12         # last routed block, inclusive (public config: route_end 12 of 16)
+    seed: int = 42        # base seed of the routing generator, mixed with step and rank
+    # True: evaluation and sampling run dense (self-guidance asks for routing itself)
+    train_only: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"TREAD rate={self.rate} must be in [0, 1): it is the fraction of image tokens that skip the span.")
+            raise ValueError(f"TREAD rate={self.rate} must be in [0, 1): it is "
+                             "the fraction of image tokens that skip the span.")
         if not 0 <= self.start <= self.end:
-            raise ValueError(f"TREAD span {self.start}..{self.end} must satisfy 0 <= start <= end (inclusive block indices).")
+            raise ValueError(f"TREAD span {self.start}..{self.end} must satisfy "
+                             "0 <= start <= end (inclusive block indices).")
 
     def check(self, depth: int) -> TreadConfig:
         "Raise a one-line error unless the span fits a model of `depth` blocks; returns self."
         if self.end >= depth:
-            hint = f"TreadConfig.for_depth({depth})" if depth >= 3 else "a model of at least 3 blocks"
-            raise ValueError(f"TREAD span {self.start}..{self.end} does not fit a {depth}-block model: use {hint} or set end < {depth}.")
+            hint = (f"TreadConfig.for_depth({depth})" if depth >= 3
+                    else "a model of at least 3 blocks")
+            raise ValueError(f"TREAD span {self.start}..{self.end} does not fit a "
+                             f"{depth}-block model: use {hint} or set end < {depth}.")
         return self
 
     def for_depth(self, depth: int, ref_depth: int = 16) -> TreadConfig:
@@ -60,43 +68,52 @@ class TreadConfig:
 
 # %% ../nbs/07_tread.ipynb #b612f28a
 def route_seed(seed: int, step: int, rank: int = 0) -> int:
-    "A 63-bit generator seed mixed from (seed, step, rank): every step and every rank get their own stream."
-    if min(seed, step, rank) < 0: raise ValueError(f"seed={seed}, step={step}, rank={rank} must all be >= 0.")
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
+    "A 63-bit generator seed mixed from (seed, step, rank): each step and rank gets its own stream."
+    if min(seed, step, rank) < 0:
+        raise ValueError(f"seed={seed}, step={step}, rank={rank} must all be >= 0.")
+    return (int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
+            & (2**63 - 1))
 
 def routed_count(N: int, rate: float) -> int:
     "Number of tokens routed out of N: round(N·rate) clamped to [1, N − 1] when rate > 0, else 0."
     if not 0.0 <= rate < 1.0: raise ValueError(f"Routing rate={rate} must be in [0, 1).")
     if rate == 0: return 0
-    if N < 2: raise ValueError(f"Cannot route {N} token(s): routing needs at least 2 image tokens (use rate 0).")
-    return min(max(round(N * rate), 1), N - 1)          # Python's round (halves to even), as in the public code
+    if N < 2:
+        raise ValueError(f"Cannot route {N} token(s): routing needs "
+                         "at least 2 image tokens (use rate 0).")
+    # Python's round (halves to even), as in the public code
+    return min(max(round(N * rate), 1), N - 1)
 
 # %% ../nbs/07_tread.ipynb #3723e52d
-def make_route_plan(B: int, N: int, rate: float, start: int, end: int, *, step: int, rank: int = 0, seed: int = 0,
-                    device=None) -> RoutePlan | None:
-    "A per-sample random RoutePlan keeping N − round(N·rate) of N image tokens through blocks start..end; None if rate is 0."
-    if not 0 <= start <= end: raise ValueError(f"Routing span {start}..{end} must satisfy 0 <= start <= end.")
+def make_route_plan(B: int, N: int, rate: float, start: int, end: int, *, step: int, rank: int = 0,
+                    seed: int = 0, device=None) -> RoutePlan | None:
+    "Random per-sample RoutePlan: N − round(N·rate) of N tokens run start..end; None at rate 0."
+    if not 0 <= start <= end:
+        raise ValueError(f"Routing span {start}..{end} must satisfy 0 <= start <= end.")
     k = routed_count(N, rate)
     if k == 0: return None
     g = torch.Generator().manual_seed(route_seed(seed, step, rank))
-    scores = torch.rand(B, N, generator=g)                       # uniform, independent per sample and token
+    scores = torch.rand(B, N, generator=g)  # uniform, independent per sample and token
     keep = scores.argsort(dim=1)[:, k:].sort(dim=1).values       # the k lowest scores are routed
     if device is not None and torch.device(device).type == 'cuda':
-        keep = keep.pin_memory().to(device, non_blocking=True)  # no host sync: the CPU can keep queueing work
+        # no host sync: the CPU can keep queueing work
+        keep = keep.pin_memory().to(device, non_blocking=True)
     return RoutePlan(keep.to(device), start, end)
 
 # %% ../nbs/07_tread.ipynb #f000f4bb
-def grey_out_routed(x: torch.Tensor, keep: torch.Tensor, patch: int, grey: float = 0.6, alpha: float = 0.8) -> torch.Tensor:
-    "Images (B,C,H,W) in [-1, 1] with the patches not in `keep` (B, K) blended towards `grey` by `alpha`."
+def grey_out_routed(x: torch.Tensor, keep: torch.Tensor, patch: int, grey: float = 0.6,
+                    alpha: float = 0.8) -> torch.Tensor:
+    "Images (B,C,H,W) in [-1, 1], patches not in `keep` (B, K) blended towards `grey` by `alpha`."
     B, C, H, W = x.shape
     tok = patchify(x, patch)
-    routed = torch.ones(tok.shape[:2], dtype=torch.bool, device=x.device).scatter(1, keep.to(x.device), False)
+    routed = (torch.ones(tok.shape[:2], dtype=torch.bool, device=x.device)
+              .scatter(1, keep.to(x.device), False))
     faded = (1 - alpha) * tok + alpha * grey
     return unpatchify(torch.where(routed[..., None], faded, tok), patch, H, W)
 
 # %% ../nbs/07_tread.ipynb #267d9d77
 class Router:
-    "The training step's routing plan from a TreadConfig: a RoutePlan while training, None (dense) otherwise."
+    "The step's routing plan from a TreadConfig: a RoutePlan in training, else None (dense)."
     def __init__(self, cfg: TreadConfig, depth: int):
         self.cfg = cfg.check(depth)   # raises a one-line error if the span does not fit the model
         self.depth = depth
@@ -104,65 +121,84 @@ class Router:
     @property
     def active(self) -> bool: return self.cfg.rate > 0
 
-    def __call__(self, B: int, N: int, step: int, rank: int = 0, *, training: bool = True, device=None) -> RoutePlan | None:
-        "The plan for a batch of B images of N tokens at this step and rank, or None when routing is off here."
+    def __call__(self, B: int, N: int, step: int, rank: int = 0, *, training: bool = True,
+                 device=None) -> RoutePlan | None:
+        "The plan for B images of N tokens at this step and rank, or None when routing is off here."
         if not self.active or (self.cfg.train_only and not training): return None
         c = self.cfg
-        return make_route_plan(B, N, c.rate, c.start, c.end, step=step, rank=rank, seed=c.seed, device=device)
+        return make_route_plan(B, N, c.rate, c.start, c.end, step=step, rank=rank, seed=c.seed,
+                               device=device)
 
     def __repr__(self):
         c = self.cfg
-        return f"Router(rate={c.rate}, blocks {c.start}..{c.end} of {self.depth}, seed={c.seed}, {'on' if self.active else 'off'}, train_only={c.train_only})"
+        return (f"Router(rate={c.rate}, blocks {c.start}..{c.end} of {self.depth}, seed={c.seed}, "
+                f"{'on' if self.active else 'off'}, train_only={c.train_only})")
 
 # %% ../nbs/07_tread.ipynb #2d261812
-def self_guidance_denoiser(model: nn.Module, txt: torch.Tensor, mask: torch.Tensor, scale: float = 3.5, rate: float = 0.5,
-                           start: int | None = None, end: int | None = None, seed: int = 0, **model_kwargs) -> Callable:
-    "A `denoise(x_t, t)` for `euler_sample`: routed + scale·(dense − routed), both with the real prompt; scale 1 = dense."
+def self_guidance_denoiser(model: nn.Module, txt: torch.Tensor, mask: torch.Tensor,
+                           scale: float = 3.5, rate: float = 0.5, start: int | None = None,
+                           end: int | None = None, seed: int = 0, **model_kwargs) -> Callable:
+    "`denoise(x_t, t)` for `euler_sample`: routed + scale·(dense − routed), real prompt; 1 = dense."
     depth = model.cfg.depth
-    if start is None or end is None: start, end = scale_span(TreadConfig.start, TreadConfig.end, depth)  # recipe span, scaled
-    TreadConfig(rate=rate, start=start, end=end).check(depth)           # one-line errors for a bad span or rate
-    if rate == 0: raise ValueError("Self-guidance needs a routing rate > 0: with rate 0 the routed pass is the dense one and "
-                                   "there is nothing to guide with; use the recipe's rate=0.5 (a run trained without TREAD has tread.rate=0).")
+    # recipe span, scaled
+    if start is None or end is None:
+        start, end = scale_span(TreadConfig.start, TreadConfig.end, depth)
+    # one-line errors for a bad span or rate
+    TreadConfig(rate=rate, start=start, end=end).check(depth)
+    if rate == 0:
+        raise ValueError("Self-guidance needs a routing rate > 0: with rate 0 the routed "
+                         "pass is the dense one and there is nothing to guide with; use the "
+                         "recipe's rate=0.5 (a run trained without TREAD has tread.rate=0).")
     plans = {}
     def denoise(x, t):
         dense = model(x, t, txt, mask, **model_kwargs)
         if scale == 1.0: return dense
         B, N = x.shape[0], token_count(x.shape[-2], x.shape[-1], model.cfg.patch)
         key = (B, N, str(x.device))
-        if key not in plans: plans[key] = make_route_plan(B, N, rate, start, end, step=0, rank=0, seed=seed, device=x.device)
+        if key not in plans:
+            plans[key] = make_route_plan(B, N, rate, start, end, step=0, rank=0, seed=seed,
+                                         device=x.device)
         routed = model(x, t, txt, mask, route=plans[key], **model_kwargs)
-        return routed + scale * (dense - routed)                        # x̂₀ = routed + s·(dense − routed)
+        return routed + scale * (dense - routed)  # x̂₀ = routed + s·(dense − routed)
     return denoise
 
 # %% ../nbs/07_tread.ipynb #e5f79c76
-def tread_flops(cfg: ModelConfig, H: int, W: int, text_len: int, rate: float = 0.5, start: int = 2, end: int = 12) -> dict:
-    "Training FLOPs per image (3× forward), dense and with `rate` of the tokens routed around blocks start..end; predicted saving."
+def tread_flops(cfg: ModelConfig, H: int, W: int, text_len: int, rate: float = 0.5, start: int = 2,
+                end: int = 12) -> dict:
+    "Training FLOPs per image (3× forward), dense and with `rate` routed around start..end; saving."
     TreadConfig(rate=rate, start=start, end=end).check(cfg.depth)
     N = token_count(H, W, cfg.patch)
     k = routed_count(N, rate)
     dense = denoiser_flops(cfg, H, W, text_len)['train']
-    routed = denoiser_flops(cfg, H, W, text_len, keep=N - k, span=(start, end))['train'] if k else dense
+    routed = (denoiser_flops(cfg, H, W, text_len, keep=N - k, span=(start, end))['train'] if k
+              else dense)
     return dict(tokens=N, kept=N - k, dense=dense, routed=routed, saving=1 - routed / dense)
 
 # %% ../nbs/07_tread.ipynb #8da7129e
-def step_times(model: nn.Module, rates=(0.0, 0.25, 0.5, 0.75), B: int = 16, H: int = 64, W: int = 64, text_len: int = 32,
-               start: int = 2, end: int = 12, repeats: int = 5, warmup: int = 1, seed: int = 0, clock: str = 'wall') -> dict:
-    "Seconds per training step (plan + forward + v-loss + backward) at each routing rate, rates interleaved: {rate: [s, ...]}."
-    if clock not in ('wall', 'process'): raise ValueError(f"clock='{clock}' must be 'wall' (elapsed time) or 'process' (CPU time of this process).")
+def step_times(model: nn.Module, rates=(0.0, 0.25, 0.5, 0.75), B: int = 16, H: int = 64,
+               W: int = 64, text_len: int = 32, start: int = 2, end: int = 12, repeats: int = 5,
+               warmup: int = 1, seed: int = 0, clock: str = 'wall') -> dict:
+    "Seconds per training step (plan, forward, v-loss, backward) per routing rate, interleaved."
+    if clock not in ('wall', 'process'):
+        raise ValueError(f"clock='{clock}' must be 'wall' (elapsed time) "
+                         "or 'process' (CPU time of this process).")
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     x0, eps = torch.randn(2, B, 3, H, W, generator=g).to(dev)
     t = sample_t(B, generator=g).to(dev)
-    txt, mask = torch.randn(B, text_len, model.cfg.text_dim, generator=g).to(dev), torch.ones(B, text_len, dtype=torch.bool, device=dev)
+    txt, mask = (torch.randn(B, text_len, model.cfg.text_dim, generator=g).to(dev),
+                 torch.ones(B, text_len, dtype=torch.bool, device=dev))
     x_t, N = interpolate(x0, eps, t), token_count(H, W, model.cfg.patch)
     rates, times = list(rates), {r: [] for r in rates}
     with torch.enable_grad():
         for i in range(warmup + repeats):
-            for r in (rates if i % 2 == 0 else rates[::-1]):    # alternate the order: no rate always goes first
+            # alternate the order: no rate always goes first
+            for r in (rates if i % 2 == 0 else rates[::-1]):
                 c0 = time.process_time()
                 with Timer() as tm:
                     plan = make_route_plan(B, N, r, start, end, step=i, seed=seed, device=dev)
-                    with autocast(dev): loss = v_loss(model(x_t, t, txt, mask, route=plan), x0, x_t, t)
+                    with autocast(dev):
+                        loss = v_loss(model(x_t, t, txt, mask, route=plan), x0, x_t, t)
                     loss.backward()
                 cpu = time.process_time() - c0
                 model.zero_grad(set_to_none=True)
