@@ -349,11 +349,6 @@ def validate_run(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         _check_range(key, getattr(obj, last))
     if not cfg.stages: raise ValueError("The run has no stages: give at least one StageConfig.")
     d, on = cfg.model.depth, stage_terms(cfg)
-    for i, s in enumerate(cfg.stages):
-        if s.repa_weight not in (None, 0, cfg.repa.weight):
-            raise ValueError(f"stages.{i}.repa_weight={s.repa_weight}: a stage keeps repa.weight "
-                             f"({cfg.repa.weight}) or turns REPA off with 0; change repa.weight "
-                             f"instead.")
     if on['repa'] and not 0 <= cfg.repa.layer < d:
         raise ValueError(f"repa.layer={cfg.repa.layer} is beyond the model's depth {d}: "
                          f"set repa.layer to 0..{d - 1}.")

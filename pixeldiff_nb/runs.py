@@ -236,7 +236,7 @@ def build_objective(cfg: RunConfig, k: int, data, repa: Repa | None, built: dict
     perceptual = {n: (w, built[n]) for n, w in weights.items() if w}
     router = Router(cfg.tread, cfg.model.depth) if terms['tread'] > 0 else None
     return Objective(cfg.diffusion, data.null_txt, data.null_mask, perceptual,
-                     repa if terms['repa'] else None, router, cfg.seed)
+                     repa if terms['repa'] else None, router, cfg.seed, terms['repa'])
 
 # %% ../nbs/10c_runs.ipynb #d043c312
 def stage_callbacks(run: Run, k: int) -> list:

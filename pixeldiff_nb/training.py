@@ -59,9 +59,11 @@ class Objective:
                  perceptual: dict | None = None,  # {name: (weight, loss module)} (06_perceptual)
                  repa=None,                       # a Repa (08_repa); None: off
                  router=None,                     # a TREAD Router (07_tread); None: off
-                 seed: int = 0):
+                 seed: int = 0,
+                 repa_weight: float | None = None):  # this stage's REPA λ; None: repa.weight
         self.d, self.null_txt, self.null_mask, self.seed = diffusion, null_txt, null_mask, seed
         self.perceptual, self.repa, self.router = perceptual or {}, repa, router
+        self.repa_weight = repa.weight if repa is not None and repa_weight is None else repa_weight
 
     def noised(self, batch: dict, step: int, rank: int, train: bool):
         "(x_t, t, txt, mask) of `batch` at `step`: t, noise, dropped captions from its generators."
@@ -93,7 +95,7 @@ class Objective:
         weights = {n: w for n, (w, _) in self.perceptual.items()}
         if layer is not None:                    # -cos(h_phi(h), teacher(x0)) on the kept tokens
             parts['repa'] = repa_loss(feats, self.repa.teacher_features(x0), idx)
-            weights['repa'] = self.repa.weight
+            weights['repa'] = self.repa_weight
         total = parts['mse']
         for n, w in weights.items(): total = total + w * parts[n]
         return total, parts

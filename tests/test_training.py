@@ -84,6 +84,20 @@ def test_objective_equals_its_previous_implementation():
         assert list(new_parts) == list(old_parts) == ['mse', 'lpips', 'dino', 'repa']
         assert all(torch.equal(new_parts[k], old_parts[k]) for k in old_parts), step
         assert torch.equal(new, old)
+    # a stage's own REPA weight (stages.N.repa_weight) scales the term; the parts stay the same
+    stage = Objective(obj.d, obj.null_txt, obj.null_mask, perceptual, repa, obj.router, seed=0, repa_weight=0.3)
+    (full, parts), (weaker, wparts) = obj(model, batch, 5), stage(model, batch, 5)
+    assert obj.repa_weight == repa.weight == 0.5 and torch.equal(parts['repa'], wparts['repa'])
+    torch.testing.assert_close(full - weaker, 0.2 * parts['repa'])
+
+
+def test_build_objective_takes_the_stage_repa_weight():
+    from pixeldiff_nb.runs import build_objective
+    from types import SimpleNamespace
+    cfg = get_preset('cpu', MICRO + ['repa.weight=0.5', 'stages.0.repa_weight=0.25'])
+    data = SimpleNamespace(null_txt=torch.zeros(1, 6, 16), null_mask=torch.ones(1, 6, dtype=torch.bool))
+    repa = SimpleNamespace(weight=0.5)
+    assert build_objective(cfg, 0, data, repa, {}).repa_weight == 0.25
 
 
 def test_ema_update_rule():
