@@ -193,7 +193,8 @@ def build_model(cfg: RunConfig, device=None, init: bool = True) -> tuple[TrainMo
     if cfg.model.init_from and init:
         from pixeldiff_nb.diffusers_io import init_from_diffusers      # 10e_diffusers
         init_from_diffusers(net, cfg.model.init_from)
-    repa = build_repa(cfg.repa, cfg.model, device=device) if stage_terms(cfg)['repa'] else None
+    most = stage_terms(cfg)['repa']          # built when any stage trains with REPA, at its λ
+    repa = build_repa(replace(cfg.repa, weight=most), cfg.model, device=device) if most else None
     if cfg.compile:                                  # True: inductor; a string names the backend
         kw = {} if cfg.compile is True else {'backend': cfg.compile}
         for b in net.blocks: b.compile(**kw)

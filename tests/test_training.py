@@ -335,3 +335,11 @@ def test_runs_of_different_precisions_in_one_process(tmp_path):
     "A notebook kernel (or a test session) may train a bf16 run and then a full-precision one: no 'restart your runtime'."
     assert Run(get_preset('cpu', MICRO + ['precision=bf16', f'out_dir={tmp_path}/a']), progress=False).acc.mixed_precision == 'bf16'
     assert Run(get_preset('cpu', MICRO + ['precision=no', f'out_dir={tmp_path}/b']), progress=False).acc.mixed_precision == 'no'
+
+
+def test_repa_off_for_the_run_but_on_in_a_stage_is_built():
+    "repa.weight=0 with stages.0.repa_weight=0.5: the stage's value wins, so the teacher and projector exist."
+    from pixeldiff_nb.runs import build_model
+    cfg = get_preset('cpu', MICRO + ['repa.weight=0', 'stages.0.repa_weight=0.5', 'repa.teacher=vgg16', 'repa.layer=1'])
+    _, repa = build_model(cfg)
+    assert repa is not None and repa.weight == 0.5
