@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, warnings
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,8 +19,8 @@ from .data import (DataReport, as_image_text, load_image_text, open_image,
                                prepare_image, choose_caption)
 
 # %% auto #0
-__all__ = ['bucket_sizes', 'nearest_bucket', 'resize_to_bucket', 'image_hw', 'BucketLoader', 'plot_bucket_occupancy', 'preview',
-           'preview_cli']
+__all__ = ['bucket_sizes', 'nearest_bucket', 'resize_to_bucket', 'image_hw', 'BucketLoader', 'repeat_epochs',
+           'plot_bucket_occupancy', 'preview', 'preview_cli']
 
 # %% ../nbs/01b_buckets.ipynb #070d6766
 def bucket_sizes(image_size: int, patch: int = 32, min_ar: float = 0.5, max_ar: float = 2.0,
@@ -196,17 +197,23 @@ def __iter__(self: BucketLoader):
         if out is not None: yield out
     self.epoch, self.batch = e + 1, 0
 
+def repeat_epochs(loader, empty: Callable[[], str | None]):
+    "`loader`'s epochs one after another, forever; an epoch with no batch raises `empty()`'s message."
+    while True:
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if n == 0 and (msg := empty()): raise ValueError(msg)
+
 @patch
 def iter_forever(self: BucketLoader):
     "Endless iteration over epochs (for training)."
-    while True:
-        n = 0
-        for batch in self:
-            n += 1
-            yield batch
-        if n == 0 and self.batch == 0 and (self.data.streaming or len(self) == 0):
-            raise ValueError(f'no batch in an epoch ({self.report.summary()}): lower batch_size '
-                             f'({self.batch_size}) or set drop_last=False')
+    def empty():
+        if self.batch == 0 and (self.data.streaming or len(self) == 0):
+            return (f'no batch in an epoch ({self.report.summary()}): lower batch_size '
+                    f'({self.batch_size}) or set drop_last=False')
+    return repeat_epochs(self, empty)
 
 # %% ../nbs/01b_buckets.ipynb #3d5e8f21
 _PLAN_KEYS = ('seed', 'world_size', 'batch_size', 'buckets', 'drop_last', 'num_rows')

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .data import DataReport
+from .buckets import repeat_epochs
 from .prepare import from_bf16_bytes, _report
 
 # %% auto #0
@@ -212,14 +213,11 @@ def _sl_iter(self: ShardLoader):
 
 def _sl_forever(self: ShardLoader):
     "Endless iteration over epochs (for training)."
-    while True:
-        n = 0
-        for batch in self:
-            n += 1
-            yield batch
-        if n == 0 and self.batch == 0 and len(self) == 0:
-            raise ValueError(f'no batch in an epoch of {self.folder} ({self.report.summary()}): '
-                             f'lower the batch size ({self.batch_size}) or prepare more data')
+    def empty():
+        if self.batch == 0 and len(self) == 0:
+            return (f'no batch in an epoch of {self.folder} ({self.report.summary()}): '
+                    f'lower the batch size ({self.batch_size}) or prepare more data')
+    return repeat_epochs(self, empty)
 
 _PLAN_KEYS = ('seed', 'world_size', 'batch_size', 'buckets', 'drop_last', 'num_rows', 'encoder')
 

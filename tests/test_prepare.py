@@ -130,6 +130,12 @@ def test_loader_batches_are_whole_buckets_and_resume_exactly(shards):
         ShardLoader(shards/'64px', gpu_decode=True)
     null, mask = ld.empty()
     assert null.shape == (1, ld.max_length, ld.dim) and mask.sum() == 2   # [CLS] [SEP]
+    more = ShardLoader(shards/'64px', 4, seed=3, split='train', val_fraction=0.2)
+    forever = more.iter_forever()
+    for _ in range(len(more) + 1): next(forever)
+    assert (more.epoch, more.batch) == (1, 1)                       # went on into the next epoch
+    with pytest.raises(ValueError, match='no batch in an epoch .* prepare more data'):
+        next(ShardLoader(shards/'64px', 1000).iter_forever())                     # too few rows
 
 
 # --- the cpu preset from shards: SIGKILL, then --resume latest ------------------------------------
