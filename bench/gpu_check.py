@@ -209,7 +209,8 @@ def make_assets(work: Path, sz: dict) -> dict:
 
 def speedrun_config(spec: dict, out_dir: str, variant: str = 'baseline'):
     "The `speedrun` preset on the local stand-ins, shortened, with `variant` applied."
-    from pixeldiff_nb.config import get_preset, StageConfig
+    from pixeldiff_nb.config import StageConfig
+    from pixeldiff_nb.presets import get_preset
     from pixeldiff_nb.model import model_config
 
     sz, a = spec['sizes'], spec['assets']

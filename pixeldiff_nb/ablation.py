@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import get_preset
+from .presets import get_preset
 from .runs import Run
 from .training import Callback, CancelFitException, SampleCB, unwrap, val_loss_bins
 

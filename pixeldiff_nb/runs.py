@@ -35,8 +35,8 @@ from .training import (Callback, TrainModule, Objective, EMA, Learner, Accelerat
 from .checkpoints import (save_checkpoint, load_checkpoint, latest_checkpoint,
                                       list_checkpoints, nonfinite_in, _contig)
 from .config import (RunConfig, StageConfig, config_to_dict, config_from_dict,
-                                 get_preset, stage_terms, validate_run, preset_names,
-                                 resume_changes)
+                                 stage_terms, validate_run, resume_changes)
+from .presets import get_preset, preset_names
 
 # %% auto #0
 __all__ = ['train_state', 'load_train_state', 'rng_states', 'set_rng_states', 'TrackerCB', 'build_accelerator', 'build_text',

@@ -11,7 +11,8 @@ diffusers = pytest.importorskip('diffusers')
 from diffusers import PRXTransformer2DModel, PRXPixelPipeline
 
 from pixeldiff_nb.model import PRXDenoiser, model_config
-from pixeldiff_nb.config import get_preset, config_to_dict
+from pixeldiff_nb.config import config_to_dict
+from pixeldiff_nb.presets import get_preset
 from pixeldiff_nb.diffusion import cfg_denoiser, euler_sample
 from pixeldiff_nb.training import generate
 from pixeldiff_nb.evaluation import evaluate

@@ -10,7 +10,8 @@ from pixeldiff_nb.diffusion import DiffusionConfig
 from pixeldiff_nb.training import Objective, TrainModule, EMA, Learner, ClipCB, unwrap, step_generator, model_patch
 from pixeldiff_nb.checkpoints import (save_checkpoint, load_checkpoint, latest_checkpoint, list_checkpoints, pack_state,
                                       unpack_state)
-from pixeldiff_nb.config import get_preset, validate_run, config_to_dict, config_from_dict, RunConfig
+from pixeldiff_nb.config import validate_run, config_to_dict, config_from_dict, RunConfig
+from pixeldiff_nb.presets import get_preset
 from pixeldiff_nb.runs import Run, train, train_cli, sample_cli, export_weights, load_for_sampling
 from pixeldiff_nb.ablation import StepClock, TimeBudgetCB, step_cost
 
