@@ -15,7 +15,7 @@ from .perceptual import speedrun_perceptual_flops
 from .text import KNOWN_ENCODERS
 from .config import RunConfig, validate_run, stage_terms, config_to_dict
 from .presets import get_preset
-from .runs import train_cli
+from .cli import train_cli
 from .prepare import shards_root
 
 # %% auto #0

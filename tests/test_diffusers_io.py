@@ -18,7 +18,7 @@ from pixeldiff_nb.training import generate
 from pixeldiff_nb.evaluation import evaluate
 from pixeldiff_nb.text import TextEncoder
 from pixeldiff_nb.tread import TreadConfig
-from pixeldiff_nb.runs import sample_cli, load_for_sampling
+from pixeldiff_nb.cli import sample_cli, load_for_sampling
 from pixeldiff_nb.diffusers_io import (to_diffusers_state_dict, from_diffusers_state_dict, from_diffusers,
                                        init_from_diffusers, save_transformer, diffusers_config, model_config_from_diffusers,
                                        export_pipeline, export_cli, pipeline_sample, prx_timesteps)
