@@ -309,7 +309,8 @@ class PartTimer:
         self.cur[name] = Stamp(self.cuda)
 
     def before_fit(self):
-        from pixeldiff_nb.training import unwrap, CheckpointCB
+        from pixeldiff_nb.training import unwrap
+        from pixeldiff_nb.callbacks import CheckpointCB
 
         L = self.learn
         L.cbs = [
@@ -714,7 +715,7 @@ def phase_sample(spec: dict, res: dict, write):
     from pixeldiff_nb.model import PRXDenoiser, model_config
     from pixeldiff_nb.text import TextEncoder
     from pixeldiff_nb.tread import TreadConfig, tread_flops
-    from pixeldiff_nb.training import generate
+    from pixeldiff_nb.callbacks import generate
 
     sz, s = spec['sizes'], spec['sizes']['sample']
     cuda = torch.cuda.is_available() and not spec['smoke']

@@ -12,7 +12,7 @@ from safetensors.torch import save_file, load_file
 
 from .core import get_device, save_images
 from .model import PRXDenoiser
-from .training import generate, plot_log
+from .callbacks import generate, plot_log
 from .checkpoints import load_checkpoint, latest_checkpoint, _contig
 from .config import RunConfig, config_to_dict, config_from_dict, validate_run
 from .presets import get_preset, preset_names

@@ -28,9 +28,9 @@ from .tread import Router
 from .repa import Repa, build_repa
 from .muon import build_optimizer
 from .training import (Callback, TrainModule, Objective, EMA, Learner, AccelerateCB,
-                                   AccumulateCB, ClipCB, SchedCB, NaNGuardCB, EMACB, LogCB,
-                                   ProgressCB, ValidationCB, SampleCB, CheckpointCB,
-                                   CancelFitException, unwrap)
+                                   AccumulateCB, ClipCB, SchedCB, CancelFitException, unwrap)
+from .callbacks import (NaNGuardCB, EMACB, LogCB, ProgressCB, ValidationCB, SampleCB,
+                                    CheckpointCB)
 from .checkpoints import (save_checkpoint, load_checkpoint, latest_checkpoint,
                                       list_checkpoints, nonfinite_in)
 from .config import (RunConfig, StageConfig, config_to_dict, stage_terms, validate_run,

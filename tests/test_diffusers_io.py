@@ -14,7 +14,7 @@ from pixeldiff_nb.model import PRXDenoiser, model_config
 from pixeldiff_nb.config import config_to_dict
 from pixeldiff_nb.presets import get_preset
 from pixeldiff_nb.diffusion import cfg_denoiser, euler_sample
-from pixeldiff_nb.training import generate
+from pixeldiff_nb.callbacks import generate
 from pixeldiff_nb.evaluation import evaluate
 from pixeldiff_nb.text import TextEncoder
 from pixeldiff_nb.tread import TreadConfig
