@@ -14,8 +14,8 @@ from .diffusion import DiffusionConfig
 from .tread import TreadConfig
 from .repa import RepaConfig, DINOV3_L
 from .muon import OptimConfig
-from .config import (RunConfig, DataConfig, LossConfig, StageConfig, apply_overrides,
-                                 _suggest)
+from .config import RunConfig, DataConfig, LossConfig, StageConfig, _suggest
+from .overrides import apply_overrides
 
 # %% auto #0
 __all__ = ['PRESETS', 'NUM_WORKERS_512', 'SPEEDRUN_SOURCES', 'register_preset', 'preset_cpu', 'preset_shapes',
