@@ -66,7 +66,7 @@ def check_against_torch(shapes, dev, dtype, steps=3):
 def train_step_table(steps=8, round_steps=2, adamw_lr=2e-3):
     "Median CPU seconds per `cpu`-preset training step (and in the optimizer): AdamW baseline vs Muon + Adam."
     from pixeldiff_nb.muon import OptimConfig, build_optimizer
-    from pixeldiff_nb.config import get_preset
+    from pixeldiff_nb.presets import get_preset
     from pixeldiff_nb.runs import Run
     from pixeldiff_nb.ablation import StepClock
     from pixeldiff_nb.training import Learner, Objective, AccelerateCB, ClipCB

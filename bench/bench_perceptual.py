@@ -71,7 +71,7 @@ def time_rows(size=64, batch=8, repeats=5, device='cpu') -> list[dict]:
 def train_step_rows(steps=8, round_steps=2, dino_base=False, overrides=()) -> list[dict]:
     "Median CPU seconds per training step of the `cpu` preset for each set of perceptual terms (first round not counted)."
     import tempfile
-    from pixeldiff_nb.config import get_preset
+    from pixeldiff_nb.presets import get_preset
     from pixeldiff_nb.runs import Run
     from pixeldiff_nb.ablation import StepClock
     from pixeldiff_nb.training import Learner, Objective, AccelerateCB, ClipCB, SchedCB

@@ -116,7 +116,7 @@ def report(title, ms, B):
 
 def bench_preset(steps, rounds):
     "Whole training steps of the `cpu` preset without and with REPA, interleaved in rounds; prints a markdown table."
-    from pixeldiff_nb.config import get_preset
+    from pixeldiff_nb.presets import get_preset
     from pixeldiff_nb.runs import Run
     from pixeldiff_nb.ablation import StepClock
     tmp = tempfile.mkdtemp()

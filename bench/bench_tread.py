@@ -59,7 +59,7 @@ def bench(size, H, B, text_len, span, rates, repeats, device, lines, warmup=1, c
 
 def bench_preset(rates, steps, rounds, lines, clock='process'):
     "Whole training steps of the `cpu` preset at each routing rate, interleaved in rounds; appends a markdown table."
-    from pixeldiff_nb.config import get_preset
+    from pixeldiff_nb.presets import get_preset
     from pixeldiff_nb.runs import Run
     from pixeldiff_nb.ablation import StepClock
     tick = time.process_time if clock == 'process' else time.perf_counter

@@ -209,7 +209,8 @@ def make_assets(work: Path, sz: dict) -> dict:
 
 def speedrun_config(spec: dict, out_dir: str, variant: str = 'baseline'):
     "The `speedrun` preset on the local stand-ins, shortened, with `variant` applied."
-    from pixeldiff_nb.config import get_preset, StageConfig
+    from pixeldiff_nb.config import StageConfig
+    from pixeldiff_nb.presets import get_preset
     from pixeldiff_nb.model import model_config
 
     sz, a = spec['sizes'], spec['assets']
@@ -308,7 +309,8 @@ class PartTimer:
         self.cur[name] = Stamp(self.cuda)
 
     def before_fit(self):
-        from pixeldiff_nb.training import unwrap, CheckpointCB
+        from pixeldiff_nb.training import unwrap
+        from pixeldiff_nb.callbacks import CheckpointCB
 
         L = self.learn
         L.cbs = [
@@ -713,7 +715,7 @@ def phase_sample(spec: dict, res: dict, write):
     from pixeldiff_nb.model import PRXDenoiser, model_config
     from pixeldiff_nb.text import TextEncoder
     from pixeldiff_nb.tread import TreadConfig, tread_flops
-    from pixeldiff_nb.training import generate
+    from pixeldiff_nb.callbacks import generate
 
     sz, s = spec['sizes'], spec['sizes']['sample']
     cuda = torch.cuda.is_available() and not spec['smoke']

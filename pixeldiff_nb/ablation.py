@@ -11,9 +11,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import get_preset
+from .presets import get_preset
 from .runs import Run
-from .training import Callback, CancelFitException, SampleCB, unwrap, val_loss_bins
+from .training import Callback, CancelFitException, unwrap
+from .callbacks import SampleCB, val_loss_bins
 
 # %% auto #0
 __all__ = ['TimeBudgetCB', 'ablate', 'show_ablation', 'ablation_table', 'StepClock', 'step_cost']

@@ -177,7 +177,7 @@ def prx_timesteps(steps: int = 50, shift: float = 3.0) -> list[float]:
 # %% ../nbs/10e_diffusers.ipynb #0f592feb
 def _source(src, weights: str) -> tuple:
     "(denoiser, run config, step, run folder or None) of exported weights, a checkpoint or a run."
-    from pixeldiff_nb.runs import load_for_sampling
+    from pixeldiff_nb.cli import load_for_sampling
     from pixeldiff_nb.checkpoints import latest_checkpoint
     src = Path(src)
     if not src.exists():

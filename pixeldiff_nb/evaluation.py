@@ -18,7 +18,7 @@ from .data import (SHAPE_COLORS, BACKGROUNDS, SHAPES, POSITIONS, SIZES, NUMBERS,
                                decode_image)
 from .perceptual import lpips_backbone_weights
 from .repa import vgg16_features, load_vit, IMAGENET_MEAN, IMAGENET_STD
-from .training import val_loss_bins, generate
+from .callbacks import val_loss_bins, generate
 
 # %% auto #0
 __all__ = ['CLIP_L336', 'DINOV2_L_REG', 'CLIP_MEAN', 'CLIP_STD', 'SCORED', 'gaussian_stats', 'frechet_from_stats',

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import get_preset
+from .presets import get_preset
 from .data import shapes_sample
 from .evaluation import SCORED, parse_shapes_prompt, evaluate
 from .training import Callback, unwrap

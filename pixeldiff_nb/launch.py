@@ -13,8 +13,9 @@ from .tread import tread_flops
 from .repa import teacher_flops, dinov3_config
 from .perceptual import speedrun_perceptual_flops
 from .text import KNOWN_ENCODERS
-from .config import RunConfig, get_preset, validate_run, stage_terms, config_to_dict
-from .runs import train_cli
+from .config import RunConfig, validate_run, stage_terms, config_to_dict
+from .presets import get_preset
+from .cli import train_cli
 from .prepare import shards_root
 
 # %% auto #0

@@ -328,7 +328,7 @@ def prepare_cli(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         if a.preset:
-            from pixeldiff_nb.config import get_preset
+            from pixeldiff_nb.presets import get_preset
             jobs = prepare_jobs(get_preset(a.preset, a.sources))
         else:
             if not a.out or not a.size:

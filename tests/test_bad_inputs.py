@@ -4,7 +4,7 @@ import subprocess, sys
 
 import pytest
 
-from pixeldiff_nb.runs import train_cli
+from pixeldiff_nb.cli import train_cli
 
 CASES = [
     (['optim.lr=abc'], 2, 'optim.lr=abc: expected a finite float, e.g. optim.lr=0.002'),
@@ -69,7 +69,7 @@ def test_help_lists_every_preset(capsys):
 
 def test_bad_override_end_to_end_in_a_fresh_process():
     "The installed entry point, in a new interpreter (no preset registered by an earlier import): one line, exit 2."
-    cmd = [sys.executable, '-c', 'import sys; from pixeldiff_nb.runs import train_cli; sys.exit(train_cli())',
+    cmd = [sys.executable, '-c', 'import sys; from pixeldiff_nb.cli import train_cli; sys.exit(train_cli())',
            '--preset', 'speedrun', 'optim.lr=abc']
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and 'Traceback' not in res.stderr

@@ -11,13 +11,14 @@ diffusers = pytest.importorskip('diffusers')
 from diffusers import PRXTransformer2DModel, PRXPixelPipeline
 
 from pixeldiff_nb.model import PRXDenoiser, model_config
-from pixeldiff_nb.config import get_preset, config_to_dict
+from pixeldiff_nb.config import config_to_dict
+from pixeldiff_nb.presets import get_preset
 from pixeldiff_nb.diffusion import cfg_denoiser, euler_sample
-from pixeldiff_nb.training import generate
+from pixeldiff_nb.callbacks import generate
 from pixeldiff_nb.evaluation import evaluate
 from pixeldiff_nb.text import TextEncoder
 from pixeldiff_nb.tread import TreadConfig
-from pixeldiff_nb.runs import sample_cli, load_for_sampling
+from pixeldiff_nb.cli import sample_cli, load_for_sampling
 from pixeldiff_nb.diffusers_io import (to_diffusers_state_dict, from_diffusers_state_dict, from_diffusers,
                                        init_from_diffusers, save_transformer, diffusers_config, model_config_from_diffusers,
                                        export_pipeline, export_cli, pipeline_sample, prx_timesteps)

@@ -184,7 +184,7 @@ def test_grouping_rule_on_the_prx_denoiser():
 
 def test_cpu_preset_optimizers():
     "The optimizers of the notebook's comparison, built from the cpu preset's config as training builds them."
-    from pixeldiff_nb.config import get_preset
+    from pixeldiff_nb.presets import get_preset
     m = _little_prx()
     muon = build_optimizer(m, get_preset('cpu').optim)
     assert isinstance(muon, MuonAdam) and [g['lr'] for g in muon.param_groups] == [2e-3, 2e-3]

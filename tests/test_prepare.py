@@ -12,7 +12,7 @@ from pixeldiff_nb.prepare import prepare, prepare_cli, prepare_jobs
 from pixeldiff_nb.shards import ShardLoader, open_shards
 from pixeldiff_nb.text import TextEncoder
 from pixeldiff_nb.data import load_image_text, shapes_sample
-from pixeldiff_nb.config import get_preset
+from pixeldiff_nb.presets import get_preset
 from pixeldiff_nb.checkpoints import list_checkpoints
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}   # same threads: bit-equal

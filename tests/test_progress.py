@@ -8,7 +8,7 @@ import pytest
 import torch
 import fastprogress
 import fastprogress.fastprogress as fp
-from pixeldiff_nb.training import ProgressCB
+from pixeldiff_nb.callbacks import ProgressCB
 
 class Handle:
     "What IPython's `display(..., display_id=True)` returns: an output that `update` replaces in place."

@@ -10,8 +10,10 @@ from pixeldiff_nb.diffusion import DiffusionConfig
 from pixeldiff_nb.training import Objective, TrainModule, EMA, Learner, ClipCB, unwrap, step_generator, model_patch
 from pixeldiff_nb.checkpoints import (save_checkpoint, load_checkpoint, latest_checkpoint, list_checkpoints, pack_state,
                                       unpack_state)
-from pixeldiff_nb.config import get_preset, validate_run, config_to_dict, config_from_dict, RunConfig
-from pixeldiff_nb.runs import Run, train, train_cli, sample_cli, export_weights, load_for_sampling
+from pixeldiff_nb.config import validate_run, config_to_dict, config_from_dict, RunConfig
+from pixeldiff_nb.presets import get_preset
+from pixeldiff_nb.runs import Run
+from pixeldiff_nb.cli import train, train_cli, sample_cli, export_weights, load_for_sampling
 from pixeldiff_nb.ablation import StepClock, TimeBudgetCB, step_cost
 
 MICRO = ['model.depth=2', 'model.hidden=64', 'model.heads=1', 'stages.0.global_batch=4', 'stages.0.steps=4', 'val_every=2',
