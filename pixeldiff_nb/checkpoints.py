@@ -4,17 +4,21 @@
 
 # %% ../nbs/10a_checkpoints.ipynb #fba47d51
 from __future__ import annotations
-import hashlib, json, os, shutil, warnings
+import hashlib, json, os, random, shutil, warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from safetensors.torch import save_file, load_file
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'pack_state', 'unpack_state', 'first_nonfinite', 'list_checkpoints', 'save_checkpoint',
-           'verify_checkpoint', 'nonfinite_in', 'latest_checkpoint', 'load_checkpoint']
+           'verify_checkpoint', 'nonfinite_in', 'latest_checkpoint', 'load_checkpoint', 'train_state',
+           'load_train_state', 'rng_states', 'set_rng_states']
 
 # %% ../nbs/10a_checkpoints.ipynb #03ca692b
 def pack_state(obj, tensors: dict | None = None, prefix: str = 's'):
@@ -190,3 +194,50 @@ def load_checkpoint(path, model_cfg=None) -> dict:  # model_cfg: the ModelConfig
     trainer = unpack_state(skel, load_file(path/'trainer.safetensors'))
     return dict(step=man['step'], path=path, config=config, model=rd('model.safetensors'),
                 ema=rd('ema.safetensors'), extra=rd('extra.safetensors'), trainer=trainer)
+
+# %% ../nbs/10a_checkpoints.ipynb #d399a2eb
+def train_state(model: nn.Module, opt, ema) -> tuple[dict, dict, dict]:
+    "Full CPU state dicts of a (wrapped) model, its optimizer and EMA; every process calls it."
+    from torch.distributed.checkpoint import state_dict as dcp
+    o = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)   # FSDP2: a gather to rank 0
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    ema_sd = {}
+    for k, v in ema.shadow.items():
+        v = v.full_tensor() if isinstance(v, DTensor) else v       # a collective too (sharded EMA)
+        if main: ema_sd[k] = v.detach().cpu()
+    opt_sd = dcp.get_optimizer_state_dict(model, opt, options=o)
+    return dcp.get_model_state_dict(model, options=o), opt_sd, ema_sd
+
+# %% ../nbs/10a_checkpoints.ipynb #d831aaf2
+def load_train_state(model: nn.Module, opt, ema, model_sd: dict, opt_sd: dict,
+                     ema_sd: dict | None = None):
+    "Load full state dicts (from `train_state`) into a (wrapped) model, its optimizer and EMA."
+    from torch.distributed.checkpoint import state_dict as dcp
+    from torch.distributed.tensor import distribute_tensor
+    o = dcp.StateDictOptions(full_state_dict=True)        # each process keeps its shard
+    dcp.set_model_state_dict(model, model_sd, options=o)
+    dcp.set_optimizer_state_dict(model, opt, opt_sd, options=o)
+    if ema_sd is None: return
+    old = dict(ema.shadow)
+    ema.load_state_dict(ema_sd)                                      # checks the keys, fp32 copies
+    for k, v in old.items():                              # back on the weights' device and sharding
+        new = ema.shadow[k].to(v.device)
+        if isinstance(v, DTensor):
+            new = distribute_tensor(new, v.device_mesh, v.placements, src_data_rank=None)
+        ema.shadow[k] = new
+
+# %% ../nbs/10a_checkpoints.ipynb #a2113d17
+def rng_states() -> dict:
+    "Python, NumPy, torch CPU (and CUDA) random states."
+    s = {'python': random.getstate(), 'numpy': np.random.get_state(),
+         'torch': torch.get_rng_state()}
+    if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
+    return s
+
+# %% ../nbs/10a_checkpoints.ipynb #194c614c
+def set_rng_states(s: dict):
+    "Restore what `rng_states` returned."
+    random.setstate(s['python'])
+    np.random.set_state(s['numpy'])
+    torch.set_rng_state(s['torch'])
+    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])

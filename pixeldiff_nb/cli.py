@@ -16,7 +16,8 @@ from .callbacks import generate, plot_log
 from .checkpoints import load_checkpoint, latest_checkpoint, _contig
 from .config import RunConfig, config_to_dict, config_from_dict, validate_run
 from .presets import get_preset, preset_names
-from .runs import Run, build_text
+from .runs import Run
+from .builders import build_text
 
 # %% auto #0
 __all__ = ['train', 'export_weights', 'load_for_sampling', 'train_cli', 'sample_cli']

@@ -4,259 +4,27 @@
 
 # %% ../nbs/10c_runs.ipynb #d4ae6d5d
 from __future__ import annotations
-import copy, json, os, random, warnings
-from dataclasses import replace
-from functools import partial
+import json, warnings
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.distributed as dist
+from fastcore.basics import patch
 from torch.distributed.tensor import DTensor
 
-from .core import seed_everything, cache_dir
-from .data import load_image_text, mix_image_text, train_val_split
+from .core import seed_everything
 from .buckets import BucketLoader
-from .prepare import shards_root
-from .shards import ShardLoader, shard_folder, check_run_shards
-from .text import TextEncoder, TextCache
-from .model import PRXDenoiser
-from .perceptual import build_perceptual_losses
-from .tread import Router
-from .repa import Repa, build_repa
-from .muon import build_optimizer
-from .training import (Callback, TrainModule, Objective, EMA, Learner, AccelerateCB,
-                                   AccumulateCB, ClipCB, SchedCB, CancelFitException, unwrap)
-from .callbacks import (NaNGuardCB, EMACB, LogCB, ProgressCB, ValidationCB, SampleCB,
-                                    CheckpointCB)
+from .shards import ShardLoader, shard_folder
+from .training import Objective, EMA, Learner, CancelFitException, unwrap
 from .checkpoints import (save_checkpoint, load_checkpoint, latest_checkpoint,
-                                      list_checkpoints, nonfinite_in)
-from .config import (RunConfig, StageConfig, config_to_dict, stage_terms, validate_run,
+                                      list_checkpoints, nonfinite_in, train_state, load_train_state,
+                                      rng_states, set_rng_states)
+from .config import (RunConfig, StageConfig, config_to_dict, validate_run,
                                  resume_changes)
+from .builders import (build_accelerator, build_text, with_text_dim, build_data,
+                                   build_model, build_optimizer_schedule, stage_starts, lr_factor,
+                                   build_objective, stage_callbacks, _flat)
 
 # %% auto #0
-__all__ = ['train_state', 'load_train_state', 'rng_states', 'set_rng_states', 'TrackerCB', 'build_accelerator', 'build_text',
-           'with_text_dim', 'all_captions', 'load_run_data', 'build_data', 'build_model', 'stage_starts', 'lr_factor',
-           'build_optimizer_schedule', 'build_objective', 'stage_callbacks', 'Run']
-
-# %% ../nbs/10c_runs.ipynb #d399a2eb
-def train_state(model: nn.Module, opt, ema: EMA) -> tuple[dict, dict, dict]:
-    "Full CPU state dicts of a (wrapped) model, its optimizer and EMA; every process calls it."
-    from torch.distributed.checkpoint import state_dict as dcp
-    o = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)   # FSDP2: a gather to rank 0
-    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    ema_sd = {}
-    for k, v in ema.shadow.items():
-        v = v.full_tensor() if isinstance(v, DTensor) else v       # a collective too (sharded EMA)
-        if main: ema_sd[k] = v.detach().cpu()
-    opt_sd = dcp.get_optimizer_state_dict(model, opt, options=o)
-    return dcp.get_model_state_dict(model, options=o), opt_sd, ema_sd
-
-# %% ../nbs/10c_runs.ipynb #d831aaf2
-def load_train_state(model: nn.Module, opt, ema: EMA, model_sd: dict, opt_sd: dict,
-                     ema_sd: dict | None = None):
-    "Load full state dicts (from `train_state`) into a (wrapped) model, its optimizer and EMA."
-    from torch.distributed.checkpoint import state_dict as dcp
-    from torch.distributed.tensor import distribute_tensor
-    o = dcp.StateDictOptions(full_state_dict=True)        # each process keeps its shard
-    dcp.set_model_state_dict(model, model_sd, options=o)
-    dcp.set_optimizer_state_dict(model, opt, opt_sd, options=o)
-    if ema_sd is None: return
-    old = dict(ema.shadow)
-    ema.load_state_dict(ema_sd)                                      # checks the keys, fp32 copies
-    for k, v in old.items():                              # back on the weights' device and sharding
-        new = ema.shadow[k].to(v.device)
-        if isinstance(v, DTensor):
-            new = distribute_tensor(new, v.device_mesh, v.placements, src_data_rank=None)
-        ema.shadow[k] = new
-
-# %% ../nbs/10c_runs.ipynb #a2113d17
-def rng_states() -> dict:
-    "Python, NumPy, torch CPU (and CUDA) random states."
-    s = {'python': random.getstate(), 'numpy': np.random.get_state(),
-         'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
-    return s
-
-# %% ../nbs/10c_runs.ipynb #194c614c
-def set_rng_states(s: dict):
-    "Restore what `rng_states` returned."
-    random.setstate(s['python'])
-    np.random.set_state(s['numpy'])
-    torch.set_rng_state(s['torch'])
-    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
-
-# %% ../nbs/10c_runs.ipynb #db927908
-def _flat(d, prefix: str = '') -> dict:
-    "A nested dict/list as one level {'a/b/0': value} (numbers and strings), for trackers."
-    out = {}
-    for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
-        if isinstance(v, (dict, list, tuple)) and v: out.update(_flat(v, f'{prefix}{k}/'))
-        else: out[f'{prefix}{k}'] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-# %% ../nbs/10c_runs.ipynb #f05d012a
-class TrackerCB(Callback):
-    "Send every log record (losses, grad norm, lrs, throughput) to the accelerate trackers too."
-    order = 21                                             # right after LogCB made the record
-    def __init__(self, acc): self.acc = acc
-    def after_step(self):
-        rec = getattr(self.learn, 'last_log', None)
-        if rec is None or rec['step'] != self.learn.step: return
-        self.acc.log(_flat(rec), step=rec['step'])
-
-# %% ../nbs/10c_runs.ipynb #d957be45
-class _Float32Text:
-    "Caption states as float32 (as the denoiser takes them outside autocast), in any tower dtype."
-    def __init__(self, text): self.text = text
-    def get(self, captions, device=None):
-        s, m = self.text.get(captions, device)
-        return s.float(), m
-
-# %% ../nbs/10c_runs.ipynb #b5361e86
-def _forget_other_precision(mp: str):
-    "Accelerate keeps one process-wide state: let a process build runs of other precisions in turn."
-    from accelerate.state import AcceleratorState
-    st = AcceleratorState._shared_state
-    one = int(os.environ.get('WORLD_SIZE', '1')) == 1
-    if st and st.get('_mixed_precision') != mp and one: AcceleratorState._reset_state()
-
-# %% ../nbs/10c_runs.ipynb #f9d02ea3
-def build_accelerator(cfg: RunConfig):
-    "The run's Accelerator: precision ('auto': bf16 on a GPU), device, trackers, DDP options."
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-    on_gpu = torch.cuda.is_available()
-    mp = {'auto': 'bf16' if on_gpu else 'no'}.get(cfg.precision, cfg.precision)
-    _forget_other_precision(mp)
-    on = {stage_terms(cfg, k)['repa'] > 0 for k in range(len(cfg.stages))}
-    gaps = len(on) == 2                                  # a stage leaves REPA's head idle
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=gaps)
-    return Accelerator(mixed_precision=mp, cpu=not on_gpu, log_with=cfg.trackers or None,
-                       project_dir=cfg.out_dir, kwargs_handlers=[ddp])
-
-# %% ../nbs/10c_runs.ipynb #12c31fb1
-def build_text(cfg: RunConfig, device=None) -> TextEncoder:
-    "The run's frozen text tower."
-    d = cfg.data
-    return TextEncoder(d.text_encoder, max_length=d.text_max_length, dtype=d.text_dtype,
-                       device=device)
-
-# %% ../nbs/10c_runs.ipynb #85298895
-def with_text_dim(cfg: RunConfig, dim: int) -> RunConfig:
-    "A copy of `cfg` whose denoiser reads `dim`-wide caption states."
-    return replace(copy.deepcopy(cfg), model=replace(cfg.model, text_dim=dim))
-
-# %% ../nbs/10c_runs.ipynb #2e6f95ab
-def all_captions(data) -> list[str]:
-    "Every non-empty caption in the caption columns of a map-style ImageTextData."
-    out = []
-    for c in data.caption_columns:
-        out += [x for x in data.ds[c] if isinstance(x, str) and x.strip()]
-    return list(dict.fromkeys(out))
-
-# %% ../nbs/10c_runs.ipynb #92279fad
-def load_run_data(cfg: RunConfig):
-    "The run's image-text records: a mix of `data.sources`, or `data.source` with its columns."
-    d, cc = cfg.data, cfg.data.caption_columns
-    if d.sources: return mix_image_text(d.sources, seed=cfg.seed, streaming=d.streaming)
-    weights = list(cc.values()) if isinstance(cc, dict) else None
-    return load_image_text(d.source, caption_columns=list(cc) if cc else None,
-                           streaming=d.streaming, caption_weights=weights)
-
-# %% ../nbs/10c_runs.ipynb #4d7ac257
-def build_data(cfg: RunConfig, encoder: TextEncoder, acc) -> SimpleNamespace:
-    "Training and held-out data (or shards), the caption cache `text`, the empty prompt's states."
-    shards, data, train, val = shards_root(cfg), None, None, None  # data.source='shards:DIR' (01c)
-    if shards is None:
-        data = train = load_run_data(cfg)
-        if not cfg.data.streaming:
-            train, val = train_val_split(data, cfg.data.val_fraction, cfg.seed)
-    root = Path(cfg.data.text_cache) if cfg.data.text_cache else cache_dir('text')
-    if acc.is_main_process and data is not None and not cfg.data.streaming:
-        TextCache(root, encoder).precompute(all_captions(data))
-    acc.wait_for_everyone()
-    text = TextCache(root, encoder)                           # shards carry their captions' states
-    null_txt, null_mask = text.empty() if shards is None else check_run_shards(cfg, encoder)
-    return SimpleNamespace(shards=shards, train=train, val=val, text=text,
-                           null_txt=null_txt.float(), null_mask=null_mask)
-
-# %% ../nbs/10c_runs.ipynb #52a88282
-def build_model(cfg: RunConfig, device=None, init: bool = True) -> tuple[TrainModule, Repa | None]:
-    "A run's TrainModule (denoiser + REPA projector) and Repa (teacher + projector, or None)."
-    net = PRXDenoiser(cfg.model)
-    if cfg.model.init_from and init:
-        from pixeldiff_nb.diffusers_io import init_from_diffusers      # 10e_diffusers
-        init_from_diffusers(net, cfg.model.init_from)
-    most = stage_terms(cfg)['repa']          # built when any stage trains with REPA, at its λ
-    repa = build_repa(replace(cfg.repa, weight=most), cfg.model, device=device) if most else None
-    if cfg.compile:                                  # True: inductor; a string names the backend
-        kw = {} if cfg.compile is True else {'backend': cfg.compile}
-        for b in net.blocks: b.compile(**kw)
-    return TrainModule(net, repa.projector if repa is not None else None).to(device), repa
-
-# %% ../nbs/10c_runs.ipynb #90cbd4c9
-def stage_starts(cfg: RunConfig) -> list[int]:
-    "The first step of each stage, and the total number of steps: [0, s0, s0 + s1, ...]."
-    return np.cumsum([0] + [s.steps for s in cfg.stages]).tolist()
-
-# %% ../nbs/10c_runs.ipynb #6507a425
-def lr_factor(cfg: RunConfig, step: int) -> float:
-    "The lr multiplier at `step`: linear warmup at the start of a stage, then 1."
-    starts = stage_starts(cfg)
-    k = len(cfg.stages) - 1
-    if step < starts[-1]: k = max(i for i, s in enumerate(starts[:-1]) if s <= step)
-    st = cfg.stages[k]
-    w = st.warmup if st.warmup is not None else (cfg.warmup if k == 0 else 0)
-    return min(1.0, (step - starts[k] + 1) / w) if w else 1.0
-
-# %% ../nbs/10c_runs.ipynb #091c4ae4
-def build_optimizer_schedule(cfg: RunConfig, module: nn.Module):
-    "(optimizer, LambdaLR schedule) of a run."
-    opt = build_optimizer(module, cfg.optim)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg))
-
-# %% ../nbs/10c_runs.ipynb #aa1ca6c3
-def build_objective(cfg: RunConfig, k: int, data, repa: Repa | None, built: dict,
-                    device=None) -> Objective:
-    "The Objective of stage k; perceptual networks are built once into `built`."
-    lo, terms = cfg.loss, stage_terms(cfg, k)
-    weights = {'lpips': terms['lpips'], 'dino': terms['dino']}
-    for name, w in weights.items():
-        if not w or name in built: continue
-        one = {n: (w if n == name else 0) for n in weights}
-        built[name] = build_perceptual_losses(
-            one['lpips'], one['dino'], lpips_net=lo.lpips_net, lpips_resize=lo.lpips_resize,
-            dino_model=lo.dino_model, dino_size=lo.dino_size, dino_pooled=lo.dino_pooled,
-            device=device)[name][1]
-    perceptual = {n: (w, built[n]) for n, w in weights.items() if w}
-    router = Router(cfg.tread, cfg.model.depth) if terms['tread'] > 0 else None
-    return Objective(cfg.diffusion, data.null_txt, data.null_mask, perceptual,
-                     repa if terms['repa'] else None, router, cfg.seed, terms['repa'])
-
-# %% ../nbs/10c_runs.ipynb #d043c312
-def stage_callbacks(run: Run, k: int) -> list:
-    "The callbacks of stage k of `run`."
-    cfg, st, acc = run.cfg, run.cfg.stages[k], run.acc
-    H = W = st.image_size
-    accum = st.global_batch // (run.micro_batch(st) * acc.num_processes)
-    tokens = (H // cfg.model.patch) * (W // cfg.model.patch)
-    log = LogCB(run.out/'log.jsonl', cfg.log_every, tokens)
-    cbs = [AccelerateCB(acc), AccumulateCB(accum), ClipCB(cfg.grad_clip), SchedCB(run.sched),
-           NaNGuardCB(cfg.max_skips), EMACB(run.ema), log, CheckpointCB(run.save, cfg.ckpt_every)]
-    vb = [] if run.sharded else run.val_batches(k)
-    if vb: cbs.append(ValidationCB(vb, cfg.val_every, run.ema, seed=cfg.seed))
-    if cfg.sample_prompts and cfg.sample_every and not run.sharded:
-        routed = stage_terms(cfg, k)['tread'] > 0            # the recipe samples these self-guided
-        cbs.append(SampleCB(_Float32Text(run.text), cfg.sample_prompts, run.out/'samples',
-                            cfg.sample_every, run.ema, (H, W), cfg.sample_steps,
-                            cfg.diffusion.guidance, seed=cfg.seed, mode='self' if routed else 'cfg',
-                            tread=cfg.tread))
-    if acc.log_with: cbs.append(TrackerCB(acc))
-    if run.progress: cbs.append(ProgressCB())
-    return cbs
+__all__ = ['Run']
 
 # %% ../nbs/10c_runs.ipynb #48a2a3d7
 class Run:
@@ -296,48 +64,6 @@ class Run:
     def micro_batch(self, stage: StageConfig) -> int:
         return stage.micro_batch or stage.global_batch // self.acc.num_processes
 
-    def loader(self, k: int) -> BucketLoader:
-        "This process's loader for stage k: bucketed records, or prepared shards."
-        st, d = self.cfg.stages[k], self.cfg.data
-        kw = dict(seed=self.cfg.seed + k, rank=self.rank, world_size=self.acc.num_processes,
-                  num_workers=d.num_workers)
-        B = self.micro_batch(st)
-        if self.shards is not None:                     # workers decode; caption states are stored
-            return ShardLoader(shard_folder(self.shards, st.image_size), B, split='train',
-                               val_fraction=d.val_fraction, device=self.device, **kw)
-        return BucketLoader(self.train_data, st.image_size, self.cfg.model.patch, B, **kw)
-
-    def batches(self, loader: BucketLoader):
-        "Endless batches with caption states (cached, or encoded when streaming) on this device."
-        for b in loader.iter_forever():
-            if self.shards is not None:                # states from the shards: no text encoding
-                yield {k: b[k] for k in ('pixels', 'txt', 'mask', 'captions')}
-                continue
-            if self.cfg.data.streaming: txt, mask = self.encoder.encode(b['captions'])   # no cache
-            else: txt, mask = self.text.get(b['captions'], self.device)
-            yield {'pixels': b['pixels'].to(self.device, non_blocking=True),
-                   'txt': txt.to(self.device).float(), 'mask': mask.to(self.device),
-                   'captions': b['captions']}
-
-    def val_batches(self, k: int) -> list:
-        "A fixed list of held-out batches at stage k's resolution."
-        st, n = self.cfg.stages[k], self.cfg.val_batches
-        bs = min(self.micro_batch(st), 32)
-        if self.shards is not None:
-            ld = ShardLoader(shard_folder(self.shards, st.image_size), bs, split='val',
-                             shuffle=False, val_fraction=self.cfg.data.val_fraction,
-                             drop_last=False, device=self.device)
-            return [{k: b[k] for k in ('pixels', 'txt', 'mask')} for b, _ in zip(ld, range(n))]
-        if self.val_data is None or len(self.val_data) == 0: return []
-        ld = BucketLoader(self.val_data, st.image_size, self.cfg.model.patch, bs, seed=0,
-                          shuffle=False, drop_last=False)
-        out = []
-        for b in ld:
-            txt, mask = self.text.get(b['captions'], self.device)
-            out.append({'pixels': b['pixels'].to(self.device), 'txt': txt.float(), 'mask': mask})
-            if len(out) == n: break
-        return out
-
     def objective(self, k: int) -> Objective:
         return build_objective(self.cfg, k, self.data, self.repa, self._perceptual, self.device)
 
@@ -345,98 +71,154 @@ class Run:
         self.cbs = stage_callbacks(self, k)
         return self.cbs
 
-    def save(self, learn: Learner):
-        "Write a checkpoint: every process takes part (FSDP2 gathers), the main process writes."
-        from accelerate.utils import gather_object, broadcast_object_list
-        self.acc.wait_for_everyone()
-        model_sd, opt_sd, ema_sd = train_state(self.model, self.opt, self.ema)
-        mine = [{'data': self._loader.state_dict(), 'rng': rng_states()}]   # per process
-        ranks = gather_object(mine) if self.acc.num_processes > 1 else mine
-        refused = [None]
-        if self.acc.is_main_process:
-            part = lambda pre: {k[len(pre):]: v for k, v in model_sd.items() if k.startswith(pre)}
-            state = {'step': learn.step, 'stage': self.stage_index(max(learn.step - 1, 0)),
-                     'optimizer': opt_sd, 'scheduler': self.sched.state_dict(),
-                     'data': [r['data'] for r in ranks], 'rng': [r['rng'] for r in ranks]}
-            try: save_checkpoint(self.out, learn.step, model_sd=part('net.'), ema_sd=ema_sd,
-                                 extra_sd=part('repa_head.') or None, trainer_state=state,
-                                 config=config_to_dict(self.cfg), keep_last=self.cfg.keep_last)
-            except FloatingPointError as e: refused = [str(e)]      # not finite: nothing written
-        if self.acc.num_processes > 1: broadcast_object_list(refused)   # all stop, or none
-        if refused[0]:
-            learn.failed = refused[0]
-            raise CancelFitException()
-
-    def resume(self, which: str):
-        "Restore all from checkpoint `which` ('latest' or a path): training continues exactly."
-        path = latest_checkpoint(self.out) if which == 'latest' else Path(which)
-        if path is None:
-            n = len(list_checkpoints(self.out))
-            if which == 'latest' and not n: return                # nothing saved yet: a fresh start
-            raise FileNotFoundError(f"None of the {n} checkpoints under {self.out}/checkpoints "
-                                    f"can be resumed (damaged or not finite, see the warnings): "
-                                    f"start a new out_dir.")
-        ck = load_checkpoint(path, self.cfg.model)
-        if nonfinite_in(path):
-            raise ValueError(f"{path} holds NaN or inf ({nonfinite_in(path)}): resume from an "
-                             f"earlier checkpoint or --resume latest.")
-        changes = resume_changes(ck['config'], self.cfg)  # one line naming keys that may not change
-        groups = self.opt.param_groups
-        fresh = [(b, g.get('weight_decay')) for b, g in zip(self.sched.base_lrs, groups)]
-        tr, n, world = ck['trainer'], len(ck['trainer']['data']), self.acc.num_processes
-        if n != world:
-            raise ValueError(f"{path} was written by {n} processes and this run has {world}: "
-                             f"resume with {n} processes (data order and random streams are "
-                             f"per process), or start a new out_dir.")
-        model_sd = {'net.' + k: v for k, v in ck['model'].items()}
-        if unwrap(self.model).repa_head is not None:
-            model_sd.update({'repa_head.' + k: v for k, v in (ck['extra'] or {}).items()})
-        load_train_state(self.model, self.opt, self.ema, model_sd, tr['optimizer'], ck['ema'])
-        self.sched.load_state_dict(tr['scheduler'])
-        set_rng_states(tr['rng'][self.rank])
-        self.step, self.stage_of_state = ck['step'], tr['stage']
-        self.data_state = tr['data'][self.rank]
-        if self.acc.is_main_process: print(f'resumed from {path} at step {self.step}')
-        self.apply_changes(changes, fresh)
-
-    def apply_changes(self, changes: list, fresh: list):
-        "Once optimizer and schedule are restored: put in the changed lr settings; log each."
-        if any(k.startswith(('optim.', 'stages.')) or k == 'warmup' for k, _, _ in changes):
-            self.sched.base_lrs = [b for b, _ in fresh]
-            for g, (b, wd) in zip(self.opt.param_groups, fresh):
-                g['initial_lr'] = b
-                g['lr'] = b * lr_factor(self.cfg, self.sched.last_epoch)      # the next step's lr
-                if wd is not None: g['weight_decay'] = wd
-        for k, old, new in changes:                # the rest is read from self.cfg as training goes
-            if self.acc.is_main_process and k not in ('out_dir', 'preset'):
-                print(f'resume: {k} changed from {old} to {new}, applied from step {self.step}')
-
     def data_report(self):
         "This stage's data counts on this process (its loader's) and records dropped at loading."
         from pixeldiff_nb.data import DataReport
         bad = getattr(self.train_data, 'bad_lines', [])
         return DataReport().merge(self._loader.report).add_bad_lines(bad)
 
-    def fit(self, extra_cbs=()) -> Learner:
-        "Train every remaining stage; returns the learner of the last stage."
-        self.out.mkdir(parents=True, exist_ok=True)
+# %% ../nbs/10c_runs.ipynb #7b4c967b
+@patch
+def loader(self: Run, k: int) -> BucketLoader:
+    "This process's loader for stage k: bucketed records, or prepared shards."
+    st, d = self.cfg.stages[k], self.cfg.data
+    kw = dict(seed=self.cfg.seed + k, rank=self.rank, world_size=self.acc.num_processes,
+              num_workers=d.num_workers)
+    B = self.micro_batch(st)
+    if self.shards is not None:                     # workers decode; caption states are stored
+        return ShardLoader(shard_folder(self.shards, st.image_size), B, split='train',
+                           val_fraction=d.val_fraction, device=self.device, **kw)
+    return BucketLoader(self.train_data, st.image_size, self.cfg.model.patch, B, **kw)
+
+# %% ../nbs/10c_runs.ipynb #ef122e1b
+@patch
+def batches(self: Run, loader: BucketLoader):
+    "Endless batches with caption states (cached, or encoded when streaming) on this device."
+    for b in loader.iter_forever():
+        if self.shards is not None:                # states from the shards: no text encoding
+            yield {k: b[k] for k in ('pixels', 'txt', 'mask', 'captions')}
+            continue
+        if self.cfg.data.streaming: txt, mask = self.encoder.encode(b['captions'])   # no cache
+        else: txt, mask = self.text.get(b['captions'], self.device)
+        yield {'pixels': b['pixels'].to(self.device, non_blocking=True),
+               'txt': txt.to(self.device).float(), 'mask': mask.to(self.device),
+               'captions': b['captions']}
+
+# %% ../nbs/10c_runs.ipynb #ea9cca72
+@patch
+def val_batches(self: Run, k: int) -> list:
+    "A fixed list of held-out batches at stage k's resolution."
+    st, n = self.cfg.stages[k], self.cfg.val_batches
+    bs = min(self.micro_batch(st), 32)
+    if self.shards is not None:
+        ld = ShardLoader(shard_folder(self.shards, st.image_size), bs, split='val',
+                         shuffle=False, val_fraction=self.cfg.data.val_fraction,
+                         drop_last=False, device=self.device)
+        return [{k: b[k] for k in ('pixels', 'txt', 'mask')} for b, _ in zip(ld, range(n))]
+    if self.val_data is None or len(self.val_data) == 0: return []
+    ld = BucketLoader(self.val_data, st.image_size, self.cfg.model.patch, bs, seed=0,
+                      shuffle=False, drop_last=False)
+    out = []
+    for b in ld:
+        txt, mask = self.text.get(b['captions'], self.device)
+        out.append({'pixels': b['pixels'].to(self.device), 'txt': txt.float(), 'mask': mask})
+        if len(out) == n: break
+    return out
+
+# %% ../nbs/10c_runs.ipynb #c6672f09
+@patch
+def save(self: Run, learn: Learner):
+    "Write a checkpoint: every process takes part (FSDP2 gathers), the main process writes."
+    from accelerate.utils import gather_object, broadcast_object_list
+    self.acc.wait_for_everyone()
+    model_sd, opt_sd, ema_sd = train_state(self.model, self.opt, self.ema)
+    mine = [{'data': self._loader.state_dict(), 'rng': rng_states()}]   # per process
+    ranks = gather_object(mine) if self.acc.num_processes > 1 else mine
+    refused = [None]
+    if self.acc.is_main_process:
+        part = lambda pre: {k[len(pre):]: v for k, v in model_sd.items() if k.startswith(pre)}
+        state = {'step': learn.step, 'stage': self.stage_index(max(learn.step - 1, 0)),
+                 'optimizer': opt_sd, 'scheduler': self.sched.state_dict(),
+                 'data': [r['data'] for r in ranks], 'rng': [r['rng'] for r in ranks]}
+        try: save_checkpoint(self.out, learn.step, model_sd=part('net.'), ema_sd=ema_sd,
+                             extra_sd=part('repa_head.') or None, trainer_state=state,
+                             config=config_to_dict(self.cfg), keep_last=self.cfg.keep_last)
+        except FloatingPointError as e: refused = [str(e)]      # not finite: nothing written
+    if self.acc.num_processes > 1: broadcast_object_list(refused)   # all stop, or none
+    if refused[0]:
+        learn.failed = refused[0]
+        raise CancelFitException()
+
+# %% ../nbs/10c_runs.ipynb #42f7fe20
+@patch
+def fit(self: Run, extra_cbs=()) -> Learner:
+    "Train every remaining stage; returns the learner of the last stage."
+    self.out.mkdir(parents=True, exist_ok=True)
+    if self.acc.is_main_process:
+        (self.out/'config.json').write_text(json.dumps(config_to_dict(self.cfg), indent=1))
+    for k, st in enumerate(self.cfg.stages):
+        if self.step >= self.starts[k + 1]: continue
+        self._loader = self.loader(k)
+        if self.data_state is not None and self.stage_of_state == k:
+            self._loader.load_state_dict(self.data_state)
+        self.data_state = None
+        obj = self.objective(k)
+        cbs = self.callbacks(k) + list(extra_cbs)
+        batches = self.batches(self._loader)
+        self.learn = Learner(self.model, obj, self.opt, batches, cbs, step=self.step)
+        self.learn.stage, self.learn.data_summary = k, lambda: self.data_report().to_dict()
+        self.learn.fit(self.starts[k + 1] - self.step)
+        self.step = self.learn.step
         if self.acc.is_main_process:
-            (self.out/'config.json').write_text(json.dumps(config_to_dict(self.cfg), indent=1))
-        for k, st in enumerate(self.cfg.stages):
-            if self.step >= self.starts[k + 1]: continue
-            self._loader = self.loader(k)
-            if self.data_state is not None and self.stage_of_state == k:
-                self._loader.load_state_dict(self.data_state)
-            self.data_state = None
-            obj = self.objective(k)
-            cbs = self.callbacks(k) + list(extra_cbs)
-            batches = self.batches(self._loader)
-            self.learn = Learner(self.model, obj, self.opt, batches, cbs, step=self.step)
-            self.learn.stage, self.learn.data_summary = k, lambda: self.data_report().to_dict()
-            self.learn.fit(self.starts[k + 1] - self.step)
-            self.step = self.learn.step
-            if self.acc.is_main_process:
-                print(f'stage {k} ({st.name}) data: {self.data_report().summary()}')
-            if self.learn.failed: raise FloatingPointError(self.learn.failed)
-        for t in self.acc.trackers: t.finish()
-        return self.learn
+            print(f'stage {k} ({st.name}) data: {self.data_report().summary()}')
+        if self.learn.failed: raise FloatingPointError(self.learn.failed)
+    for t in self.acc.trackers: t.finish()
+    return self.learn
+
+# %% ../nbs/10c_runs.ipynb #f70f2300
+@patch
+def apply_changes(self: Run, changes: list, fresh: list):
+    "Once optimizer and schedule are restored: put in the changed lr settings; log each."
+    if any(k.startswith(('optim.', 'stages.')) or k == 'warmup' for k, _, _ in changes):
+        self.sched.base_lrs = [b for b, _ in fresh]
+        for g, (b, wd) in zip(self.opt.param_groups, fresh):
+            g['initial_lr'] = b
+            g['lr'] = b * lr_factor(self.cfg, self.sched.last_epoch)      # the next step's lr
+            if wd is not None: g['weight_decay'] = wd
+    for k, old, new in changes:                # the rest is read from self.cfg as training goes
+        if self.acc.is_main_process and k not in ('out_dir', 'preset'):
+            print(f'resume: {k} changed from {old} to {new}, applied from step {self.step}')
+
+# %% ../nbs/10c_runs.ipynb #ab0c54b0
+@patch
+def resume(self: Run, which: str):
+    "Restore all from checkpoint `which` ('latest' or a path): training continues exactly."
+    path = latest_checkpoint(self.out) if which == 'latest' else Path(which)
+    if path is None:
+        n = len(list_checkpoints(self.out))
+        if which == 'latest' and not n: return                # nothing saved yet: a fresh start
+        raise FileNotFoundError(f"None of the {n} checkpoints under {self.out}/checkpoints "
+                                f"can be resumed (damaged or not finite, see the warnings): "
+                                f"start a new out_dir.")
+    ck = load_checkpoint(path, self.cfg.model)
+    if nonfinite_in(path):
+        raise ValueError(f"{path} holds NaN or inf ({nonfinite_in(path)}): resume from an "
+                         f"earlier checkpoint or --resume latest.")
+    changes = resume_changes(ck['config'], self.cfg)  # one line naming keys that may not change
+    groups = self.opt.param_groups
+    fresh = [(b, g.get('weight_decay')) for b, g in zip(self.sched.base_lrs, groups)]
+    tr, n, world = ck['trainer'], len(ck['trainer']['data']), self.acc.num_processes
+    if n != world:
+        raise ValueError(f"{path} was written by {n} processes and this run has {world}: "
+                         f"resume with {n} processes (data order and random streams are "
+                         f"per process), or start a new out_dir.")
+    model_sd = {'net.' + k: v for k, v in ck['model'].items()}
+    if unwrap(self.model).repa_head is not None:
+        model_sd.update({'repa_head.' + k: v for k, v in (ck['extra'] or {}).items()})
+    load_train_state(self.model, self.opt, self.ema, model_sd, tr['optimizer'], ck['ema'])
+    self.sched.load_state_dict(tr['scheduler'])
+    set_rng_states(tr['rng'][self.rank])
+    self.step, self.stage_of_state = ck['step'], tr['stage']
+    self.data_state = tr['data'][self.rank]
+    if self.acc.is_main_process: print(f'resumed from {path} at step {self.step}')
+    self.apply_changes(changes, fresh)

@@ -191,7 +191,7 @@ FSDP_SCRIPT = textwrap.dedent('''
     from pixeldiff_nb.model import PRXDenoiser, model_config
     from pixeldiff_nb.training import TrainModule, EMA
     from pixeldiff_nb.muon import OptimConfig, build_optimizer
-    from pixeldiff_nb.runs import train_state, load_train_state
+    from pixeldiff_nb.checkpoints import train_state, load_train_state
     dist.init_process_group('gloo'); rank = dist.get_rank()
     cfg = model_config('tiny', depth=2, hidden=64, heads=1, text_dim=16)
     def build():

@@ -94,7 +94,7 @@ def test_objective_equals_its_previous_implementation():
 
 
 def test_build_objective_takes_the_stage_repa_weight():
-    from pixeldiff_nb.runs import build_objective
+    from pixeldiff_nb.builders import build_objective
     from types import SimpleNamespace
     cfg = get_preset('cpu', MICRO + ['repa.weight=0.5', 'stages.0.repa_weight=0.25'])
     data = SimpleNamespace(null_txt=torch.zeros(1, 6, 16), null_mask=torch.ones(1, 6, dtype=torch.bool))
@@ -341,7 +341,7 @@ def test_runs_of_different_precisions_in_one_process(tmp_path):
 
 def test_repa_off_for_the_run_but_on_in_a_stage_is_built():
     "repa.weight=0 with stages.0.repa_weight=0.5: the stage's value wins, so the teacher and projector exist."
-    from pixeldiff_nb.runs import build_model
+    from pixeldiff_nb.builders import build_model
     cfg = get_preset('cpu', MICRO + ['repa.weight=0', 'stages.0.repa_weight=0.5', 'repa.teacher=vgg16', 'repa.layer=1'])
     _, repa = build_model(cfg)
     assert repa is not None and repa.weight == 0.5
