@@ -14,7 +14,7 @@ import torch
 from .presets import get_preset
 from .runs import Run
 from .training import Callback, CancelFitException, unwrap
-from .callbacks import SampleCB, val_loss_bins
+from .callbacks import ProgressCB, SampleCB, val_loss_bins
 
 # %% auto #0
 __all__ = ['TimeBudgetCB', 'ablate', 'show_ablation', 'ablation_table', 'StepClock', 'step_cost']
@@ -33,14 +33,17 @@ class TimeBudgetCB(Callback):
 # %% ../nbs/10d_ablation.ipynb #545ed203
 def ablate(variants: dict, base=(), preset: str = 'cpu', out_dir='runs/ablation',
            steps: int | None = None, cpu_seconds: float | None = None,
-           progress: bool = False) -> dict:
+           progress: bool = True) -> dict:  # progress: a step bar per variant, no live plot
     "Train each variant {name: [key=value, ...]} of `preset` + `base` overrides; results by name."
     out = {}
     for name, overrides in variants.items():
         cfg = get_preset(preset, list(base) + list(overrides) + [f'out_dir={Path(out_dir)/name}'])
         if steps is not None: cfg.stages[-1].steps = steps
-        run = Run(cfg, progress=progress)
+        run = Run(cfg, progress=False)
         extra = [TimeBudgetCB(cpu_seconds)] if cpu_seconds else []
+        if progress:
+            print(f'{name}:')
+            extra.append(ProgressCB(plot=False))
         t0, w0 = time.process_time(), time.perf_counter()
         run.fit(extra)
         cpu, wall = time.process_time() - t0, time.perf_counter() - w0

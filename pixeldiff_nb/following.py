@@ -83,7 +83,7 @@ class FollowingCB(Callback):
 # %% ../nbs/11a_following.ipynb #58d65c8f
 def train_following(preset: str = 'shapes', overrides=(), cpu_seconds: float | None = None,
                     prompts=None, attrs=None, every: int = 100, steps: int = 20,
-                    threads: int | None = 1, progress: bool = False) -> Run:
+                    threads: int | None = 1, progress: bool = True) -> Run:
     "Train `preset` + `overrides` for `cpu_seconds` of training CPU time, logging prompt following."
     if threads: torch.set_num_threads(threads)
     cfg = get_preset(preset, list(overrides))

@@ -67,3 +67,16 @@ def test_progress_cb_in_a_terminal(monkeypatch):
     cb = ProgressCB(every=2)
     run(cb)
     assert cb.mb is None and cb.fig is None and plt.get_fignums() == []   # a bar only, no figure
+
+def test_ablate_shows_a_bar_per_variant_and_no_plot(notebook_bars, tmp_path, capsys):
+    from pixeldiff_nb.ablation import ablate
+    plt.close('all')
+    toy = ['model.depth=2', 'model.hidden=64', 'model.heads=1', 'stages.0.global_batch=8',
+           "data.sources=[{'source': 'shapes', 'n': 64, 'size': 32}]", 'sample_every=0',
+           'val_every=0', 'ckpt_every=0', 'val_batches=1', 'warmup=1']
+    res = ablate({'a': [], 'b': ['optim.kind=adamw']}, toy, 'shapes', tmp_path, steps=3)
+    for name, r in res.items():
+        bars = [c for c in r['run'].learn.cbs if isinstance(c, ProgressCB)]
+        assert len(bars) == 1 and bars[0].pb.total == 3 and not bars[0].plot
+    assert not any(isinstance(h.obj, matplotlib.figure.Figure) for h in notebook_bars)
+    assert capsys.readouterr().out.splitlines()[:1] == ['a:']      # each bar under its variant's name
