@@ -198,7 +198,7 @@ def __iter__(self: BucketLoader):
     self.epoch, self.batch = e + 1, 0
 
 def repeat_epochs(loader, empty: Callable[[], str | None]):
-    "`loader`'s epochs one after another, forever; an epoch with no batch raises `empty()`'s message."
+    "`loader`'s epochs one after another, forever; an empty epoch raises `empty()`'s message."
     while True:
         n = 0
         for batch in loader:
