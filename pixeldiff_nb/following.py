@@ -4,7 +4,7 @@
 
 # %% ../nbs/11a_following.ipynb #a005cc62
 from __future__ import annotations
-import copy, json, time
+import copy, json, textwrap, time
 from pathlib import Path
 from typing import Callable
 
@@ -162,14 +162,15 @@ INGREDIENTS = {
 
 def ingredients(variants: dict, prompts: list, attrs: list, base=(), preset: str = 'shapes',
                 cpu_seconds: float = 300, out_dir='runs/ingredients', steps: int = 20,
-                n_show: int = 6, threads: int | None = 1) -> dict:
+                n_show: int = 6, threads: int | None = 1, progress: bool = True) -> dict:
     "Train each variant for `cpu_seconds` with `ablate`; score its EMA weights (cached per variant)"
     if threads: torch.set_num_threads(threads)
     out = {}
     for name, overrides in variants.items():
         f = Path(out_dir)/name/'following.json'
         if not f.exists():
-            r = ablate({name: overrides}, base, preset, out_dir, cpu_seconds=cpu_seconds)[name]
+            r = ablate({name: overrides}, base, preset, out_dir, cpu_seconds=cpu_seconds,
+                       progress=progress)[name]
             run, size = r['run'], r['cfg'].stages[-1].image_size
             net = run.ema.copy_to(copy.deepcopy(unwrap(run.model).net))
             sc = score_following(net, run.text, prompts, attrs, size, steps,
@@ -208,6 +209,6 @@ def show_ingredients(res: dict, size: float = 0.8):
         axs[i, 0].set_ylabel(f"{name}\nall {res[name]['following']['all']:.2f}", fontsize=7,
                              rotation=0, ha='right', va='center')
     for j, p in enumerate(next(iter(res.values()))['prompts']):
-        axs[0, j].set_title(p.replace(' on a', '\non a').replace(' in the', '\nin the'), fontsize=5)
+        axs[0, j].set_title(textwrap.fill(p, 22), fontsize=5)  # three short lines per prompt
     fig.tight_layout()
     return fig
