@@ -209,6 +209,6 @@ def show_ingredients(res: dict, size: float = 0.8):
         axs[i, 0].set_ylabel(f"{name}\nall {res[name]['following']['all']:.2f}", fontsize=7,
                              rotation=0, ha='right', va='center')
     for j, p in enumerate(next(iter(res.values()))['prompts']):
-        axs[0, j].set_title(textwrap.fill(p, 22), fontsize=5)  # three short lines per prompt
+        axs[0, j].set_title(textwrap.fill(p, 18), fontsize=5)  # short lines: no overlap
     fig.tight_layout()
     return fig
