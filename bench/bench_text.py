@@ -13,7 +13,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 import transformers
 from pixeldiff_nb.core import data_samples_dir, Timer
-from pixeldiff_nb.text import TextEncoder, TextCache
+from pixeldiff_nb.text import TextEncoder
+from pixeldiff_nb.text_cache import TextCache
 
 FALLBACK = ['a red apple', 'a green apple', 'a smiling face', 'a grinning face with big eyes', 'a dog', 'a yellow star',
             'an emoji of a red apple in the Noto style, from the food & drink group',

@@ -18,7 +18,8 @@ from .core import cache_dir
 from .data import load_image_text, mix_image_text, train_val_split
 from .prepare import shards_root
 from .shards import check_run_shards
-from .text import TextEncoder, TextCache
+from .text import TextEncoder
+from .text_cache import TextCache
 from .model import PRXDenoiser
 from .perceptual import build_perceptual_losses
 from .tread import Router

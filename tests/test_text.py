@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixeldiff_nb.core import MissingWeightsError
-from pixeldiff_nb.text import (TextEncoder, TextCache, tiny_text_model_dir, tiny_tokenizer, clean_caption, pool,
+from pixeldiff_nb.text import (TextEncoder, tiny_text_model_dir, tiny_tokenizer, clean_caption, pool,
                                load_text_model, minilm_dir)
+from pixeldiff_nb.text_cache import TextCache
 
 CAPS = ['a red apple', 'a green apple in the noto style', 'a smiling face', '']
 
