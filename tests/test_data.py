@@ -11,6 +11,7 @@ from PIL import Image
 
 from pixeldiff_nb import data as D
 from pixeldiff_nb import shapes as S
+from pixeldiff_nb import mixing as M
 from pixeldiff_nb import buckets as B
 from pixeldiff_nb import emoji as E
 from pixeldiff_nb.core import data_samples_dir
@@ -351,13 +352,13 @@ def test_forever_with_no_batch_fails():
 
 def test_train_val_split_stable(imagefolder):
     data = D.load_image_text(imagefolder)
-    tr, va = D.train_val_split(data, 0.3, seed=0)
+    tr, va = M.train_val_split(data, 0.3, seed=0)
     assert len(tr) + len(va) == 10 and len(va) > 0
     names = lambda d: {Path(r['path']).name for r in d.ds['image']}
     perm = data.select(list(range(9, -1, -1)))
-    assert names(D.train_val_split(perm, 0.3, seed=0)[1]) == names(va)
+    assert names(M.train_val_split(perm, 0.3, seed=0)[1]) == names(va)
     assert names(tr).isdisjoint(names(va))
-    assert names(D.train_val_split(data, 0.3, seed=0)[1]) == names(va)
+    assert names(M.train_val_split(data, 0.3, seed=0)[1]) == names(va)
 
 
 # ---------------------------------------------------------------- emoji builder (offline, fake packages)
