@@ -161,7 +161,7 @@ def make_assets(work: Path, sz: dict) -> dict:
     from pixeldiff_nb.perceptual import dino_config, _BACKBONES
     from pixeldiff_nb.repa import dinov3_config
     from pixeldiff_nb.text import tiny_tokenizer
-    from pixeldiff_nb.data import shapes_dataset
+    from pixeldiff_nb.shapes import shapes_dataset
 
     a = {k: str(work / k) for k in ('dino', 'teacher', 'lpips', 'text', 'data')}
     torch.manual_seed(0)

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from .core import cache_dir
-from .data import load_image_text, mix_image_text, train_val_split
+from .data import load_image_text
+from .mixing import mix_image_text, train_val_split
 from .prepare import shards_root
 from .shards import check_run_shards
 from .text import TextEncoder

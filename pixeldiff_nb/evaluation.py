@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .core import img_to_tensor, resolve_pretrained, show_images
-from .data import (SHAPE_COLORS, BACKGROUNDS, SHAPES, POSITIONS, SIZES, NUMBERS,
-                               decode_image)
+from .data import decode_image
+from .shapes import SHAPE_COLORS, BACKGROUNDS, SHAPES, POSITIONS, SIZES, NUMBERS
 from .perceptual import lpips_backbone_weights
 from .repa import vgg16_features, load_vit, IMAGENET_MEAN, IMAGENET_STD
 from .callbacks import val_loss_bins, generate
@@ -206,7 +206,7 @@ def parse_shapes_prompt(prompt: str) -> dict:
     m = _PROMPT.fullmatch(prompt.strip().lower())
     if m is None:
         raise ValueError(f"Not a shapes-set caption: {prompt!r} (expected e.g. 'two small red "
-                         "circles on the left on a white background', see data.shapes_sample).")
+                         "circles on the left on a white background', see shapes.shapes_sample).")
     count, size, color, shape, phrase, bg = m.groups()
     return dict(count=_COUNTS[count], size=size, color=color, shape=shape,
                 position=_PHRASES[phrase], background=bg)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .presets import get_preset
-from .data import shapes_sample
+from .shapes import shapes_sample
 from .evaluation import SCORED, parse_shapes_prompt, evaluate
 from .training import Callback, unwrap
 from .runs import Run

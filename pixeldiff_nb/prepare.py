@@ -173,7 +173,7 @@ def _slug(source) -> str:
 
 def record_rows(data, rows) -> list[dict]:
     "Records of an ImageTextData as {key, image, captions, weights}: every caption kept."
-    from pixeldiff_nb.data import _record_key
+    from pixeldiff_nb.mixing import _record_key
     out = []
     for row in rows:
         caps, ws = [], []

@@ -10,6 +10,8 @@ import datasets
 from PIL import Image
 
 from pixeldiff_nb import data as D
+from pixeldiff_nb import shapes as S
+from pixeldiff_nb import mixing as M
 from pixeldiff_nb import buckets as B
 from pixeldiff_nb import emoji as E
 from pixeldiff_nb.core import data_samples_dir
@@ -22,7 +24,7 @@ def png_bytes(im, fmt='PNG'):
 
 
 def mixed_shapes(n=48, seed=0):
-    return D.shapes_dataset(n, size=64, seed=seed, aspect_ratios=(0.5, 1.0, 2.0))
+    return S.shapes_dataset(n, size=64, seed=seed, aspect_ratios=(0.5, 1.0, 2.0))
 
 
 # ---------------------------------------------------------------- buckets
@@ -85,21 +87,21 @@ def test_resize_to_bucket_matches_prx_float_resize():
 
 # ---------------------------------------------------------------- shapes
 def test_shapes_deterministic_and_consistent():
-    a, b = D.shapes_sample(11, (48, 96), seed=2), D.shapes_sample(11, (48, 96), seed=2)
+    a, b = S.shapes_sample(11, (48, 96), seed=2), S.shapes_sample(11, (48, 96), seed=2)
     assert a[1] == b[1] and a[2] == b[2] and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
     captions = set()
     for i in range(40):
-        im, cap, at = D.shapes_sample(i, (64, 96), seed=0)
+        im, cap, at = S.shapes_sample(i, (64, 96), seed=0)
         captions.add(cap)
         assert im.size == (96, 64) and (at['height'], at['width']) == (64, 96)
         assert len(at['boxes']) == at['count']
-        for w in (at['color'], at['size'], at['background'], D.POSITIONS[at['position']][0], D.NUMBERS[at['count']]):
+        for w in (at['color'], at['size'], at['background'], S.POSITIONS[at['position']][0], S.NUMBERS[at['count']]):
             assert w in cap
         assert (at['shape'] + 's' in cap) == (at['count'] > 1)
         x = np.asarray(im).astype(int)
         for cx, cy, r in at['boxes']:
             assert 0 <= cx - r and cx + r <= 96 and 0 <= cy - r and cy + r <= 64      # inside the canvas
-            assert np.abs(x[int(cy), int(cx)] - D.SHAPE_COLORS[at['color']]).max() <= 12
+            assert np.abs(x[int(cy), int(cx)] - S.SHAPE_COLORS[at['color']]).max() <= 12
     assert len(captions) > 30
 
 
@@ -108,7 +110,7 @@ def test_shapes_dataset_columns():
     assert ds.column_names == ['image', 'text', 'attrs']
     for i, r in enumerate(ds):
         assert r['image'].size == (r['attrs']['width'], r['attrs']['height'])
-        assert r['text'] == D.shapes_sample(i, (r['attrs']['height'], r['attrs']['width']))[1]
+        assert r['text'] == S.shapes_sample(i, (r['attrs']['height'], r['attrs']['width']))[1]
 
 
 # ---------------------------------------------------------------- loading
@@ -117,7 +119,7 @@ def imagefolder(tmp_path_factory):
     d = tmp_path_factory.mktemp('imf'); (d/'img').mkdir()
     rows = []
     for i in range(10):
-        im, cap, _ = D.shapes_sample(i, (64, 128) if i % 2 else (64, 64))
+        im, cap, _ = S.shapes_sample(i, (64, 128) if i % 2 else (64, 64))
         im.save(d/'img'/f'{i:02d}.png'); rows.append({'file_name': f'img/{i:02d}.png', 'caption': cap, 'short_caption': f'shape {i}'})
     (d/'metadata.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     return d
@@ -176,7 +178,7 @@ def test_load_parquet_and_stream(tmp_path):
 
 
 def test_stream_state_dict_resumes(tmp_path):
-    ds = D.shapes_dataset(24, 64, seed=1)
+    ds = S.shapes_dataset(24, 64, seed=1)
     for k in range(2): ds.shard(2, k).to_parquet(str(tmp_path/f'p{k}.parquet'))
     mk = lambda: B.BucketLoader(D.load_image_text(tmp_path, streaming=True), 64, 16, 4, shuffle=False)
     ref = mk(); it = iter(ref); next(it); next(it); st = ref.state_dict(); rest = [b['captions'] for b in it]
@@ -189,7 +191,7 @@ def test_load_webdataset(tmp_path):
     for s in range(2):
         with tarfile.open(tmp_path/f'shard-{s}.tar', 'w') as tf:
             for k in range(4):
-                im, cap, _ = D.shapes_sample(4*s + k, 64)
+                im, cap, _ = S.shapes_sample(4*s + k, 64)
                 for ext, blob in (('png', png_bytes(im)), ('txt', cap.encode())):
                     ti = tarfile.TarInfo(f'{s}{k:03d}.{ext}'); ti.size = len(blob); tf.addfile(ti, io.BytesIO(blob))
     data = D.load_image_text(tmp_path)
@@ -222,7 +224,7 @@ def test_load_shapes_and_dataset_objects():
     sh = D.load_image_text('shapes', n=8, size=32, aspect_ratios=(1.0, 2.0))
     assert len(sh) == 8 and sh.caption_columns == ['text'] and sh.source == 'shapes'
     assert D.load_image_text('shapes', n=8, size=32, streaming=True).streaming
-    ds = D.shapes_dataset(4, 32)
+    ds = S.shapes_dataset(4, 32)
     assert len(D.load_image_text(ds)) == 4
 
 
@@ -277,7 +279,7 @@ def test_loader_skips_and_counts_bad_records():
 # ---------------------------------------------------------------- bucketed batches
 @pytest.fixture(scope='module')
 def shapes_data():
-    return D.as_image_text(D.shapes_dataset(60, size=64, seed=0, aspect_ratios=(0.5, 0.75, 1.0, 1.5, 2.0)))
+    return D.as_image_text(S.shapes_dataset(60, size=64, seed=0, aspect_ratios=(0.5, 0.75, 1.0, 1.5, 2.0)))
 
 
 def test_batches_uniform_shapes(shapes_data):
@@ -343,20 +345,20 @@ def test_break_keeps_position_and_workers_match(shapes_data):
 
 
 def test_forever_with_no_batch_fails():
-    ds = D.shapes_dataset(3, 64)
+    ds = S.shapes_dataset(3, 64)
     with pytest.raises(ValueError, match='lower batch_size'):
         next(B.BucketLoader(ds, 64, 16, 8).iter_forever())
 
 
 def test_train_val_split_stable(imagefolder):
     data = D.load_image_text(imagefolder)
-    tr, va = D.train_val_split(data, 0.3, seed=0)
+    tr, va = M.train_val_split(data, 0.3, seed=0)
     assert len(tr) + len(va) == 10 and len(va) > 0
     names = lambda d: {Path(r['path']).name for r in d.ds['image']}
     perm = data.select(list(range(9, -1, -1)))
-    assert names(D.train_val_split(perm, 0.3, seed=0)[1]) == names(va)
+    assert names(M.train_val_split(perm, 0.3, seed=0)[1]) == names(va)
     assert names(tr).isdisjoint(names(va))
-    assert names(D.train_val_split(data, 0.3, seed=0)[1]) == names(va)
+    assert names(M.train_val_split(data, 0.3, seed=0)[1]) == names(va)
 
 
 # ---------------------------------------------------------------- emoji builder (offline, fake packages)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pixeldiff_nb.core import MissingWeightsError
-from pixeldiff_nb.data import shapes_sample, BACKGROUNDS, SHAPE_COLORS
+from pixeldiff_nb.shapes import shapes_sample, BACKGROUNDS, SHAPE_COLORS
 from pixeldiff_nb.evaluation import (gaussian_stats, frechet_from_stats, frechet_distance, mmd, torchmetrics_uint8_quirk,
                                      VGGEncoder, CLIPEncoder, DinoEncoder, encode_images, distribution_metrics,
                                      parse_shapes_prompt, components, read_shapes, judge_shapes, prompt_following,

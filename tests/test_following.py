@@ -7,7 +7,7 @@ import torch
 
 from pixeldiff_nb.config import validate_run
 from pixeldiff_nb.presets import get_preset, PRESETS
-from pixeldiff_nb.data import shapes_sample
+from pixeldiff_nb.shapes import shapes_sample
 from pixeldiff_nb.evaluation import SCORED
 from pixeldiff_nb.following import (TARGET, FollowingCB, shapes_prompts, train_following, read_following, plot_following,
                                     ingredient_table, text_probe)

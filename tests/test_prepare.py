@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from pixeldiff_nb.prepare import prepare, prepare_cli, prepare_jobs
 from pixeldiff_nb.shards import ShardLoader, open_shards
 from pixeldiff_nb.text import TextEncoder
-from pixeldiff_nb.data import load_image_text, shapes_sample
+from pixeldiff_nb.data import load_image_text
+from pixeldiff_nb.shapes import shapes_sample
 from pixeldiff_nb.presets import get_preset
 from pixeldiff_nb.checkpoints import list_checkpoints
 
