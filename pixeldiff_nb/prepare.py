@@ -13,11 +13,12 @@ from PIL import Image
 
 from .data import DataReport, load_image_text, open_image, prepare_image
 from .buckets import bucket_sizes, nearest_bucket, resize_to_bucket
+from .shard_format import bf16_bytes, shard_schema, unit_hash, write_shard
+from .shard_format import _atomic_write, _report, check_header, shard_header
 
 # %% auto #0
-__all__ = ['SHARD_FORMAT', 'SHARDS_PREFIX', 'encode_image', 'prepare_record', 'bf16_bytes', 'from_bf16_bytes', 'encode_captions',
-           'shard_schema', 'write_shard', 'unit_hash', 'shard_header', 'check_header', 'prepare_shard', 'record_rows',
-           'prepare', 'shards_root', 'prepare_jobs', 'prepare_cli']
+__all__ = ['SHARDS_PREFIX', 'encode_image', 'prepare_record', 'encode_captions', 'prepare_shard', 'record_rows', 'prepare',
+           'shards_root', 'prepare_jobs', 'prepare_cli']
 
 # %% ../nbs/01c_prepare.ipynb #8fbbcbbb
 def encode_image(im: Image.Image, fmt: str = 'jpeg', quality: int = 95) -> bytes:
@@ -49,14 +50,6 @@ def _record_job(args):
     return prepare_record(*args)
 
 # %% ../nbs/01c_prepare.ipynb #bc97c3ce
-def bf16_bytes(states: torch.Tensor) -> bytes:
-    "A (n, D) tensor as raw bf16 bytes (2 bytes a value)."
-    return states.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
-
-def from_bf16_bytes(b: bytes, dim: int) -> torch.Tensor:
-    "The (n, dim) bf16 tensor stored by `bf16_bytes`."
-    return torch.frombuffer(bytearray(b), dtype=torch.bfloat16).view(-1, dim)
-
 @torch.no_grad()
 def encode_captions(encoder, captions: list[str], batch_size: int = 64) -> dict:
     "Each distinct caption -> its states at true length (n_tokens, D) in bf16, batched by length."
@@ -77,65 +70,6 @@ def encode_captions(encoder, captions: list[str], batch_size: int = 64) -> dict:
         for i, hi, n in zip(ch, h.to(encoder.dtype).cpu(), mask.sum(1).tolist()):
             out[todo[i]] = hi[:n].to(torch.bfloat16)
     return out
-
-# %% ../nbs/01c_prepare.ipynb #14f1be90
-SHARD_FORMAT = 'pixeldiff-shards-1'
-
-def shard_schema():
-    "The columns of a shard (an Arrow IPC stream, what `datasets` memory-maps)."
-    import pyarrow as pa
-    i16, lst = pa.int16(), pa.list_
-    return pa.schema([('key', pa.string()), ('image', pa.binary()), ('bucket', i16),
-                      ('height', i16), ('width', i16), ('u', pa.float64()),
-                      ('captions', lst(pa.string())), ('weights', lst(pa.float32())),
-                      ('states', lst(pa.binary())), ('n_tokens', lst(i16))])
-
-def _atomic_write(path: Path, write):
-    "Call write(tmp_path), then rename tmp to `path` (a reader never sees half a file)."
-    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-
-def write_shard(path: Path, rows: dict):
-    "Write one shard (columns as lists) atomically as an Arrow IPC stream."
-    import pyarrow as pa
-    table = pa.Table.from_pydict(rows, schema=shard_schema())
-    def w(tmp):
-        with pa.OSFile(str(tmp), 'wb') as sink, pa.ipc.new_stream(sink, table.schema) as wr:
-            wr.write_table(table, 256)
-    _atomic_write(path, w)
-
-def unit_hash(key: str) -> float:
-    "A number in [0, 1) fixed by the record's key: the held-out split ignores the shard layout."
-    return int(hashlib.sha1(key.encode()).hexdigest()[:12], 16) / 16**12
-
-# %% ../nbs/01c_prepare.ipynb #751369b0
-def shard_header(encoder, size: int, patch: int, fmt: str, quality: int) -> dict:
-    "What every shard of a folder agrees on: format, base size, buckets, encoder, image codec."
-    return dict(format=SHARD_FORMAT, size=size, patch=patch,
-                buckets=[list(b) for b in bucket_sizes(size, patch)], encoder=encoder.id,
-                dim=encoder.dim, max_length=encoder.max_length, image_format=fmt,
-                quality=quality if fmt == 'jpeg' else None)
-
-_KEYS = ('format', 'size', 'patch', 'buckets', 'encoder', 'dim', 'max_length', 'image_format',
-         'quality')
-
-def check_header(folder: Path, header: dict) -> dict:
-    "Write `folder`/prepare.json, or refuse a folder prepared with other settings (one line)."
-    f = Path(folder)/'prepare.json'
-    if f.exists():
-        old = json.loads(f.read_text())
-        diff = [k for k in _KEYS if old.get(k) != header.get(k)]
-        if diff:
-            what = ', '.join(f'{k}={old.get(k)}' for k in diff)
-            raise ValueError(f"{folder} holds shards of {old.get('encoder')} at {old.get('size')} "
-                             f"px ({what}), not {header['encoder']} at {header['size']} px: "
-                             f"write to another folder")
-    else: _atomic_write(f, lambda tmp: tmp.write_text(json.dumps(header, indent=1)))
-    return header
 
 # %% ../nbs/01c_prepare.ipynb #be575ad6
 def prepare_shard(rows: list[dict], encoder, buckets, min_side: int, fmt: str, quality: int,
@@ -266,12 +200,6 @@ def prepare(source=None, out='shards', size: int = 64, *, patch: int = 32, text_
     if verbose: print(f'prepare rank {rank}/{world}: {n_done} shards written to {folder} in '
                       f'{time.time() - t0:.1f} s; {total.summary()}', flush=True)
     return total
-
-def _report(meta: dict) -> DataReport:
-    "The DataReport stored in a shard's metadata."
-    from collections import Counter
-    return DataReport(seen=meta['seen'], used=meta['used'], skipped=Counter(meta['skipped']),
-                      examples=meta.get('examples', {}))
 
 # %% ../nbs/01c_prepare.ipynb #962e73ec
 SHARDS_PREFIX = 'shards:'

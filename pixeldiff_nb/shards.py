@@ -11,7 +11,7 @@ import torch
 
 from .data import DataReport
 from .buckets import repeat_epochs
-from .prepare import from_bf16_bytes, _report
+from .shard_format import from_bf16_bytes, _report
 
 # %% auto #0
 __all__ = ['open_shards', 'empty_states', 'pad_states', 'plan_batches', 'decode_images', 'decode_images_gpu', 'to_unit',
