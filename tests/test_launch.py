@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pixeldiff_nb.launch import (launch_cli, launch, launch_command, write_launch_files, smoke_overrides,
-                                 image_flops)
+from pixeldiff_nb.launch import launch_cli, launch, launch_command, write_launch_files, smoke_overrides
+from pixeldiff_nb.plan import image_flops
 from pixeldiff_nb.config import validate_run, stage_terms
 from pixeldiff_nb.presets import get_preset
 from pixeldiff_nb.runs import Run
