@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .core import cache_dir
 from .tread import tread_flops
-from .repa import teacher_flops, dinov3_config
+from .repa import dinov3_config
+from .repa_probe import teacher_flops
 from .perceptual import speedrun_perceptual_flops
 from .text import KNOWN_ENCODERS
 from .config import RunConfig, validate_run, stage_terms, config_to_dict
