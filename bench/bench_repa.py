@@ -28,8 +28,8 @@ import transformers
 from pixeldiff_nb.core import Timer, autocast, seed_everything
 from pixeldiff_nb.buckets import bucket_sizes
 from pixeldiff_nb.model import PRXDenoiser, RoutePlan, model_config, denoiser_flops
-from pixeldiff_nb.repa import (RepaConfig, VGGStandIn, build_repa, dinov2_config, dinov3_config, teacher_flops,
-                               teacher_size)
+from pixeldiff_nb.repa import RepaConfig, VGGStandIn, build_repa, dinov2_config, dinov3_config, teacher_size
+from pixeldiff_nb.repa_probe import teacher_flops
 
 TEACHERS = [('DINOv3 ViT-S/16', lambda: dinov3_config('vits16')), ('DINOv3 ViT-B/16', lambda: dinov3_config('vitb16')),
             ('DINOv3 ViT-L/16 (recipe)', lambda: dinov3_config('vitl16')),

@@ -475,7 +475,8 @@ def flops_per_image(cfg, k: int, sz: dict) -> dict:
     import warnings
     from pixeldiff_nb.tread import tread_flops
     from pixeldiff_nb.perceptual import LPIPSLoss, DinoPerceptualLoss, dino_config, perceptual_flops
-    from pixeldiff_nb.repa import dinov3_config, teacher_flops
+    from pixeldiff_nb.repa import dinov3_config
+    from pixeldiff_nb.repa_probe import teacher_flops
     from pixeldiff_nb.config import stage_terms
 
     s = cfg.stages[k].image_size

@@ -20,7 +20,8 @@ import torch
 from pixeldiff_nb.model import PRXDenoiser, model_config
 from pixeldiff_nb.diffusion import DiffusionConfig
 from pixeldiff_nb.perceptual import LPIPSLoss, DinoPerceptualLoss, dino_config, perceptual_flops
-from pixeldiff_nb.repa import RepaConfig, build_repa, dinov3_config, teacher_flops
+from pixeldiff_nb.repa import RepaConfig, build_repa, dinov3_config
+from pixeldiff_nb.repa_probe import teacher_flops
 from pixeldiff_nb.tread import TreadConfig, Router, tread_flops
 from pixeldiff_nb.muon import OptimConfig, build_optimizer
 from pixeldiff_nb.training import Objective, TrainModule

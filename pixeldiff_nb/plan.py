@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from .tread import tread_flops
-from .repa import teacher_flops, dinov3_config
+from .repa import dinov3_config
+from .repa_probe import teacher_flops
 from .perceptual import speedrun_perceptual_flops
 from .text import KNOWN_ENCODERS
 from .config import RunConfig, stage_terms

@@ -18,8 +18,8 @@ from .model import ModelConfig, gather_tokens
 # %% auto #0
 __all__ = ['DINOV3_L', 'DINOV3_SIZES', 'DINOV2_SIZES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'RESIZE_MODES', 'VIT_TYPES',
            'VGG16_LAYERS', 'teacher_size', 'dinov3_config', 'dinov2_config', 'resize_for_teacher', 'Teacher',
-           'load_vit', 'DinoTeacher', 'vgg16_features', 'VGGStandIn', 'pca_rgb', 'RepaProjector', 'repa_loss',
-           'RepaConfig', 'build_teacher', 'Repa', 'build_repa', 'teacher_flops', 'block_tokens', 'fit_linear_probe']
+           'load_vit', 'DinoTeacher', 'vgg16_features', 'VGGStandIn', 'RepaProjector', 'repa_loss', 'RepaConfig',
+           'build_teacher', 'Repa', 'build_repa']
 
 # %% ../nbs/08_repa.ipynb #cee56b3f
 def teacher_size(H: int, W: int, patch: int, stride: int) -> tuple[int, int]:
@@ -195,25 +195,6 @@ class VGGStandIn(Teacher):
         super().__init__(net, stride, dim, name, resize_mode)
     def tokens(self, x): return self.net(x).flatten(2).transpose(1, 2)  # -> (B, h·w, C)
 
-# %% ../nbs/08_repa.ipynb #5bcafb1d
-def pca_rgb(feats: torch.Tensor, grid: tuple[int, int],
-            normalize: bool = True,   # L2-normalise tokens first: directions, as the loss sees
-            q: float = 0.01           # each component's [q, 1-q] quantile range -> [-1, 1]
-            ) -> torch.Tensor:
-    "Tokens (B, h·w, C) as images (B, 3, h, w) in [-1, 1]: 3 principal components over the batch."
-    B, N, C = feats.shape
-    h, w = grid
-    if h * w != N or C < 3:
-        raise ValueError(f"{N} tokens of width {C} cannot fill a {h}×{w} grid with 3 components.")
-    f = feats.detach().float().reshape(B * N, C)
-    if normalize: f = F.normalize(f, dim=-1)
-    f = f - f.mean(0)
-    V = torch.linalg.svd(f, full_matrices=False).Vh[:3]          # principal directions (3, C)
-    z = f @ V.T                                                    # (B·N, 3) coordinates
-    lo, hi = z.quantile(q, dim=0), z.quantile(1 - q, dim=0)        # robust range per component
-    z = ((z - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1) * 2 - 1
-    return z.reshape(B, h, w, 3).permute(0, 3, 1, 2)
-
 # %% ../nbs/08_repa.ipynb #b8cf1fed
 class RepaProjector(nn.Sequential):
     "h_φ: Linear(hidden → width), SiLU, Linear(width → width), SiLU, Linear(width → teacher_dim)."
@@ -313,52 +294,3 @@ def build_repa(cfg: RepaConfig | None, model_cfg: ModelConfig, teacher=None,
                          f"block 7 of 16).")
     repa = Repa(cfg, model_cfg.hidden, model_cfg.patch, teacher)
     return repa if device is None else repa.to(device)
-
-# %% ../nbs/08_repa.ipynb #c17e1c65
-def teacher_flops(teacher, H: int, W: int, patch: int = 32) -> float:
-    "Forward FLOPs per H×W image of a teacher (Teacher, config or 'vgg16[:layer]') at `patch`."
-    from torch.utils.flop_counter import FlopCounterMode
-    if not isinstance(teacher, Teacher):
-        with torch.device('meta'): teacher = build_teacher(teacher, pretrained=False)
-    x0 = torch.zeros(1, 3, H, W, device=teacher.mean.device)
-    with FlopCounterMode(display=False) as fc: teacher(x0, patch)
-    return fc.get_total_flops()
-
-# %% ../nbs/08_repa.ipynb #250b265b
-@torch.no_grad()
-def block_tokens(model: nn.Module,   # a PRXDenoiser, or a TrainModule (through its projector)
-                 batches: list,      # training batches: 'pixels' (B, 3, H, W), 'txt', 'mask'
-                 layer: int, ts=(0.25, 0.5, 0.75), seed: int = 0) -> torch.Tensor:
-    "Dense tokens (len(ts), B, N, D) of block `layer` for the images of `batches` noised at each t."
-    g, was, out = torch.Generator().manual_seed(seed), model.training, []
-    model.eval()
-    for t in ts:                                               # t = 0 clean ... t = 1 pure noise
-        feats = []
-        for b in batches:
-            x0 = b['pixels']
-            eps = torch.randn(x0.shape, generator=g).to(x0.device)  # fixed noise
-            x_t = (1 - t) * x0 + t * eps                           # x_t = (1 − t)·x0 + t·ε
-            t_vec = torch.full((x0.shape[0],), float(t), device=x0.device)
-            feats.append(model(x_t, t_vec, b['txt'], b['mask'], return_block=layer)[1].float())
-        out.append(torch.cat(feats))
-    model.train(was)
-    return torch.stack(out)
-
-# %% ../nbs/08_repa.ipynb #9c568085
-def fit_linear_probe(X: torch.Tensor,    # features (M, D), e.g. block tokens flattened
-                     Y: torch.Tensor,    # targets (M, C), e.g. teacher tokens; L2-normalised first
-                     ridge: float = 1e-3) -> nn.Linear:
-    "The ridge least-squares linear map (with bias) from X to the L2-normalised rows of Y."
-    if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
-        raise ValueError(f"need X (M, D) and Y (M, C), got {tuple(X.shape)} and {tuple(Y.shape)}.")
-    X, Y = X.double(), F.normalize(Y.double(), dim=-1)
-    mx, my = X.mean(0), Y.mean(0)
-    Xc = X - mx
-    G = Xc.T @ Xc
-    G = G + ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype)
-    W = torch.linalg.solve(G, Xc.T @ (Y - my))                   # (D, C)
-    lin = nn.Linear(X.shape[1], Y.shape[1])
-    with torch.no_grad():
-        lin.weight.copy_(W.T)
-        lin.bias.copy_(my - mx @ W)
-    return lin

@@ -12,8 +12,9 @@ from pixeldiff_nb.core import MissingWeightsError
 from pixeldiff_nb.buckets import bucket_sizes
 from pixeldiff_nb.model import PRXDenoiser, RoutePlan, model_config, gather_tokens
 from pixeldiff_nb.repa import (DINOV3_L, IMAGENET_MEAN, IMAGENET_STD, DinoTeacher, Repa, RepaConfig, RepaProjector,
-                               VGGStandIn, build_repa, build_teacher, dinov2_config, dinov3_config, pca_rgb, repa_loss,
-                               resize_for_teacher, teacher_flops, teacher_size, block_tokens, fit_linear_probe)
+                               VGGStandIn, build_repa, build_teacher, dinov2_config, dinov3_config, repa_loss,
+                               resize_for_teacher, teacher_size)
+from pixeldiff_nb.repa_probe import pca_rgb, teacher_flops, block_tokens, fit_linear_probe
 from pixeldiff_nb.training import TrainModule
 
 BIG_BUCKETS = [(b, 32) for b in bucket_sizes(512, 32) + bucket_sizes(1024, 32)]          # the speedrun's stages
