@@ -14,7 +14,7 @@ from .core import get_device, resolve_pretrained, MissingWeightsError, quiet_hf
 
 # %% auto #0
 __all__ = ['KNOWN_ENCODERS', 'TINY_WORDS', 'minilm_dir', 'clean_caption', 'load_text_model', 'tiny_tokenizer',
-           'tiny_text_model_dir', 'pool', 'TextEncoder']
+           'tiny_text_model_dir', 'pool', 'caption_list', 'TextEncoder']
 
 # %% ../nbs/02_text.ipynb #8b01a6c2
 # short name -> where the weights are, default token budget, whether captions are cleaned
@@ -145,6 +145,15 @@ def _fingerprint(model) -> str:
         h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:8]
 
+def caption_list(captions) -> list[str]:
+    "One caption or several, as a list of str; anything else is a TypeError that says what to do."
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    for i, c in enumerate(captions):
+        if not isinstance(c, str):
+            raise TypeError(f"Caption {i} is {type(c).__name__}, "
+                            "not str: clean the captions first.")
+    return captions
+
 class TextEncoder:
     "A frozen text encoder: captions -> token states (B, max_length, dim), mask (B, max_length)."
     def __init__(self, name='minilm', *, max_length: int | None = None, dtype=torch.float32,
@@ -205,11 +214,7 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         "Token states (B, max_length, dim) in `dtype`, zero at padding; bool mask (B, max_length)."
-        captions = [captions] if isinstance(captions, str) else list(captions)
-        for i, c in enumerate(captions):
-            if not isinstance(c, str):
-                raise TypeError(f"Caption {i} is {type(c).__name__}, "
-                                "not str: clean the captions first.")
+        captions = caption_list(captions)
         texts = [clean_caption(c) for c in captions] if self.clean else captions
         if not texts:
             return (torch.zeros(0, self.max_length, self.dim, dtype=self.dtype, device=self.device),

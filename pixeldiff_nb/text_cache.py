@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .text import TextEncoder
+from .text import TextEncoder, caption_list
 
 # %% auto #0
 __all__ = ['TextCache']
@@ -113,11 +113,7 @@ def _encode_missing(self: TextCache, captions: list[str]):
 @patch
 def get(self: TextCache, captions: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     "States (B, max_length, dim), mask (B, max_length) of `captions`; encodes uncached ones."
-    captions = [captions] if isinstance(captions, str) else list(captions)
-    for i, c in enumerate(captions):
-        if not isinstance(c, str):
-            raise TypeError(f"Caption {i} is {type(c).__name__}, "
-                            "not str: clean the captions first.")
+    captions = caption_list(captions)
     n_new = len(self._encode_missing(captions))
     self.misses += n_new
     self.hits += len(captions) - n_new

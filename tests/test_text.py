@@ -77,8 +77,11 @@ def test_empty_prompt_is_encoding_of_empty_string(enc):
     assert enc.empty() is enc.empty() and enc.empty_prompt() is enc.empty()
 
 
-def test_bad_captions(enc):
-    with pytest.raises(TypeError, match='Caption 1'): enc.encode(['ok', None])
+def test_bad_captions(enc, tmp_path):
+    with pytest.raises(TypeError, match='Caption 1 is NoneType, not str: clean the captions first'):
+        enc.encode(['ok', None])
+    with pytest.raises(TypeError, match='Caption 0 is int, not str: clean the captions first'):
+        TextCache(tmp_path, enc).get([3])                        # the cache refuses the same way
     s, m = enc.encode([])
     assert s.shape == (0, 16, 32) and m.shape == (0, 16)
 
